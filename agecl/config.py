@@ -1,0 +1,133 @@
+"""Configuration: one dataclass per concern, composed into `TrainConfig`.
+
+Defaults are the paper's (Adam, lr 0.001, 100 epochs, 64 triplets a batch, 224 crops from 256).
+`apply_overrides` takes `section.field=value` strings and refuses unknown keys; `to_dict` /
+`from_dict` round-trip a config through a checkpoint (a dict of plain values, never pickled code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # shard folder written by tools/make_shards.py
+    protocol: str = ""  # split name under <shards>/splits ("" = the manifest's default_protocol)
+    fold: int = 0  # test fold; training uses every other fold
+    min_age: int = -1  # lowest age class (-1: from the manifest)
+    max_age: int = -1  # highest age class (-1: from the manifest)
+
+
+@dataclass
+class LoaderConfig:
+    loader: str = "dali"  # "dali" | "torch" (the ordinary DataLoader baseline)
+    batch_size: int = 64  # triplets a batch: 3 * batch_size images
+    image_size: int = 224  # side of the crop fed to the network, pixels
+    flip: str = "horizontal"  # "horizontal" | "vertical" (the paper's literal text) | "none"
+    rotate_degrees: float = 5.0  # random affine: rotation range, +-degrees
+    translate: float = 0.02  # random affine: shift range, fraction of the side
+    scale: float = 0.05  # random affine: zoom range, 1 +- scale
+    workers: int = 2  # DALI CPU threads / DataLoader worker processes
+    prefetch: int = 2  # batches prepared ahead of the training step
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    pretrained: str = ""  # "" (random init) | "imagenet" (torchvision weights) | path to a weights file
+
+
+@dataclass
+class LossConfig:
+    """Weights of Eq. 7: L = L_s + lm*L_m + lv*L_v + lc*L_c + lt*L_t (+ lkl*L_kl, the Eq. 9 ablation)."""
+
+    ce: float = 1.0  # softmax cross-entropy on the anchor
+    mean: float = 0.2  # lambda_m, mean loss (Pan et al.)
+    variance: float = 0.05  # lambda_v, variance loss (Pan et al.)
+    cosine: float = 1.0  # lambda_c, 1 - cos(f_a, f_p)
+    triplet: float = 0.0  # lambda_t, margin loss on softmax outputs (0: binary contrast)
+    kl: float = 0.0  # KL(s_a || s_p), the ablation alternative to the cosine term
+    margin: float = 0.2  # alpha of Eq. 6, on squared L2 distances between softmax vectors
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    preset: str = ""  # named loss preset applied before overrides (see agecl.losses.PRESETS)
+    epochs: int = 100
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 0.0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    compile: str = "auto"  # "auto" (on for CUDA) | "on" | "off"
+    log_every: int = 50  # steps between host syncs for logging
+    seed: int = 0
+    out: str = ""  # run folder ("" = runs/<name>)
+    name: str = ""  # run name ("" = derived from the shard folder, protocol and fold)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build `cls` from a dict, recursively; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise KeyError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        kwargs[name] = from_dict(tp, value) if dataclasses.is_dataclass(tp) else value
+    return cls(**kwargs)
+
+
+def _parse(value: str, tp):
+    if tp is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    return tp(value)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply `a.b=value` strings in place. Unknown keys and unparsable values raise ValueError."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        target = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise ValueError(f"override {item!r}: unknown section {part!r}")
+            target = getattr(target, part)
+        leaf = parts[-1]
+        fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+        if leaf not in fields:
+            raise ValueError(f"override {item!r}: unknown key {key!r}")
+        tp = typing.get_type_hints(type(target))[leaf]
+        if dataclasses.is_dataclass(tp):
+            raise ValueError(f"override {item!r}: {key!r} is a section, not a value")
+        try:
+            setattr(target, leaf, _parse(value, tp))
+        except ValueError as e:
+            raise ValueError(f"override {item!r}: {e}") from e
+    return cfg
+
+
+def describe(cfg) -> str:
+    """The config as indented JSON, printed at the start of a run."""
+    return json.dumps(to_dict(cfg), indent=2)
