@@ -51,7 +51,7 @@ class LossConfig:
     variance: float = 0.05  # lambda_v, variance loss (Pan et al.)
     cosine: float = 1.0  # lambda_c, 1 - cos(f_a, f_p)
     triplet: float = 0.0  # lambda_t, margin loss on softmax outputs (0: binary contrast)
-    kl: float = 0.0  # KL(s_a || s_p), the ablation alternative to the cosine term
+    kl: float = 0.0  # KL(s_p || s_a) (the anchor matches the positive), the Eq. 9 ablation alternative to cosine
     margin: float = 0.2  # alpha of Eq. 6, on squared L2 distances between softmax vectors
 
 
