@@ -1,0 +1,387 @@
+"""Evaluation: metrics against hand arithmetic, identity invariance on constructed vectors, fold
+results and their aggregation through real files, the plots as real PNGs, `predict` with real
+modules, and the `agecl-eval --aggregate` command line end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agecl import evaluate as ev
+from agecl.evaluate import (
+    Predictions,
+    aggregate,
+    identity_variance,
+    main,
+    mean_age_baseline,
+    metrics,
+    predict,
+    write_fold_results,
+)
+
+# --- metrics: hand-computed ----------------------------------------------------------------------
+
+
+def test_mae_cs5_bias_by_hand():
+    ages = np.array([20, 30, 40, 50])
+    expected = np.array([25.0, 30.5, 34.0, 50.0])  # errors 5 (boundary), 0.5, 6, 0
+    m = metrics(expected, ages)
+    assert m["n"] == 4
+    assert m["mae"] == pytest.approx((5 + 0.5 + 6 + 0) / 4)
+    assert m["cs5"] == pytest.approx(3 / 4), "|e| = 5 counts as within 5 years"
+    assert m["bias"] == pytest.approx((5 + 0.5 - 6 + 0) / 4)
+    assert "identity_feature_variance" not in m
+
+
+def test_mae_by_age_groups_including_70_plus():
+    ages = np.array([0, 9, 10, 19, 45, 69, 70, 85])
+    expected = np.array([1.0, 11.0, 10.0, 16.0, 45.5, 60.0, 74.0, 80.0])
+    by = metrics(expected, ages)["mae_by_age"]
+    assert list(by) == ["0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
+    assert by["0-9"] == {"mae": pytest.approx(1.5), "n": 2}  # |1-0|, |11-9|
+    assert by["10-19"] == {"mae": pytest.approx(1.5), "n": 2}  # 0, 3
+    assert by["20-29"] == {"mae": None, "n": 0}, "empty group: n = 0, mae null"
+    assert by["40-49"] == {"mae": pytest.approx(0.5), "n": 1}
+    assert by["60-69"] == {"mae": pytest.approx(9.0), "n": 1}
+    assert by["70+"] == {"mae": pytest.approx(4.5), "n": 2}  # 4, 5
+    assert sum(g["n"] for g in by.values()) == len(ages)
+    json.dumps(by)  # plain values only
+
+
+def test_metrics_rejects_mismatched_and_empty():
+    with pytest.raises(ValueError):
+        metrics(np.zeros(3), np.zeros(2))
+    with pytest.raises(ValueError):
+        metrics(np.zeros(0), np.zeros(0))
+
+
+def test_mean_age_baseline():
+    # mean training age 30: |20-30|, |30-30|, |45-30| -> (10 + 0 + 15) / 3
+    assert mean_age_baseline([20, 30, 40], [20, 30, 45]) == pytest.approx(25 / 3)
+    with pytest.raises(ValueError):
+        mean_age_baseline([], [1])
+
+
+# --- identity invariance -------------------------------------------------------------------------
+
+
+def test_identity_variance_zero_for_identical_features():
+    ids = np.array([3, 3, 3, 7, 7])
+    f = np.repeat(np.arange(2 * 4, dtype=np.float32).reshape(2, 4), [3, 2], axis=0)  # same row within a person
+    value, groups = identity_variance(f, ids)
+    assert value == 0.0 and groups == 2
+
+
+def test_identity_variance_known_values():
+    # Person 0: rows (0,0), (2,4): per-dim unbiased variances 2 and 8 -> mean 5.
+    # Person 1: rows (1,1), (1,1), (4,1): dim 0 values 1,1,4 -> mean 2, var (1+1+4)/2 = 3; dim 1: 0 -> mean 1.5.
+    # Person 2: one image: skipped. Mean over persons: (5 + 1.5) / 2.
+    f = np.array([[0, 0], [1, 1], [2, 4], [1, 1], [4, 1], [9, 9]], dtype=np.float32)
+    ids = np.array([10, 20, 10, 20, 20, 30])
+    value, groups = identity_variance(f, ids)
+    assert groups == 2
+    assert value == pytest.approx((5 + 1.5) / 2)
+    # The same number by the definition, with numpy's per-person var (ddof=1).
+    ref = np.mean([f[ids == i].var(axis=0, ddof=1).mean() for i in (10, 20)])
+    assert value == pytest.approx(ref)
+
+
+def test_identity_variance_random_against_loop_and_in_metrics():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 9, 200)
+    f = rng.normal(size=(200, 512)).astype(np.float32)
+    s = rng.dirichlet(np.ones(6), 200).astype(np.float32)
+    m = metrics(rng.uniform(0, 60, 200), rng.integers(0, 60, 200), ids, f, s)
+    ref_f = np.mean([f[ids == i].var(axis=0, ddof=1).mean() for i in np.unique(ids) if (ids == i).sum() >= 2])
+    ref_s = np.mean([s[ids == i].var(axis=0, ddof=1).mean() for i in np.unique(ids) if (ids == i).sum() >= 2])
+    assert m["identity_feature_variance"] == pytest.approx(ref_f, rel=1e-6)
+    assert m["identity_softmax_variance"] == pytest.approx(ref_s, rel=1e-6)
+    assert m["identity_groups"] == 9
+
+
+def test_identity_variance_single_images_only():
+    assert identity_variance(np.ones((3, 4)), np.array([1, 2, 3])) == (None, 0)
+
+
+# --- predict with real modules -------------------------------------------------------------------
+
+
+def _batches(images: torch.Tensor, ages, identities, batch_size: int):
+    """An evaluation loader's batches: the real EvalBatch when agecl.loader exists."""
+    try:
+        from agecl.loader import EvalBatch
+    except ImportError:  # the loader module not written yet: same fields
+        EvalBatch = lambda **kw: SimpleNamespace(**kw)  # noqa: E731
+    ages, identities = torch.as_tensor(ages, dtype=torch.int64), torch.as_tensor(identities, dtype=torch.int64)
+    ids = torch.arange(len(images)) + 100
+    out = []
+    for lo in range(0, len(images), batch_size):
+        sl = slice(lo, lo + batch_size)
+        out.append(EvalBatch(images=images[sl], ages=ages[sl], identities=identities[sl], ids=ids[sl]))
+    return out
+
+
+class OneHot(nn.Module):
+    """Puts (almost) all probability on class `x[:, 0, 0, 0]`: the expected age is known exactly."""
+
+    def __init__(self, classes: int, min_age: int):
+        super().__init__()
+        self.min_age = min_age
+        self.classes = classes
+        self.proj = nn.Linear(3, 8)
+
+    def forward(self, x):
+        f = self.proj(x.mean(dim=(2, 3)))  # (B, 8)
+        logits = 100.0 * nn.functional.one_hot(x[:, 0, 0, 0].long(), self.classes).float()  # (B, A)
+        return f, logits
+
+
+def test_predict_known_distribution_and_bf16_autocast():
+    cls = torch.tensor([0, 3, 5, 2, 1])
+    images = cls[:, None, None, None].float().expand(5, 3, 4, 4).contiguous()
+    model = OneHot(classes=6, min_age=10)
+    model.train()
+    for ctx in (None, torch.autocast("cpu", dtype=torch.bfloat16)):
+        p = predict(model, _batches(images, [10, 13, 15, 12, 11], [0, 0, 1, 1, 2], 2), ctx)
+        assert model.training, "the model's mode is restored"
+        np.testing.assert_allclose(p.expected, 10 + cls.numpy(), atol=1e-4)
+        np.testing.assert_allclose(p.std, 0, atol=1e-3)
+        assert p.expected.dtype == np.float32 and p.features.dtype == np.float32 and p.probs.dtype == np.float32
+        assert p.features.shape == (5, 8) and p.probs.shape == (5, 6)
+        assert p.ids.tolist() == [100, 101, 102, 103, 104] and p.ids.dtype == np.int64
+        assert p.identities.tolist() == [0, 0, 1, 1, 2] and p.ages.tolist() == [10, 13, 15, 12, 11]
+    m = metrics(p.expected, p.ages, p.identities, p.features, p.probs)
+    assert m["mae"] == pytest.approx(0, abs=1e-4)
+    assert m["identity_groups"] == 2
+
+
+def test_predict_real_age_model():
+    from agecl.model import AgeModel
+
+    torch.manual_seed(0)
+    model = AgeModel(min_age=16, max_age=30).eval()
+    images = torch.randn(6, 3, 16, 16)  # tiny crops: ResNet-18 pools to 1x1 anyway
+    p = predict(model, _batches(images, [16, 20, 25, 30, 18, 22], [1, 1, 2, 2, 3, 3], 4))
+    with torch.no_grad():
+        f, logits = model(images)
+        want = model.expected_age(logits).numpy()
+        want_std = model.age_std(logits).numpy()
+    np.testing.assert_allclose(p.expected, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(p.std, want_std, rtol=1e-4, atol=1e-4)
+    assert p.features.shape == (6, 512) and p.probs.shape == (6, 15)
+    np.testing.assert_allclose(p.probs.sum(1), 1, atol=1e-5)
+    assert np.all((p.expected >= 16) & (p.expected <= 30))
+    p2 = predict(model, _batches(images, [16] * 6, [0] * 6, 6), keep_features=False)
+    assert p2.features is None and p2.probs is None
+
+
+def test_predict_empty_loader():
+    with pytest.raises(ValueError, match="no batches"):
+        predict(OneHot(3, 0), [])
+
+
+# --- fold results and aggregation through real files ---------------------------------------------
+
+
+def _fold(run: Path, fold: int, ages, expected, protocol: str, n_folds: int | None, ids=None, features=True) -> dict:
+    ages = np.asarray(ages, np.int64)
+    expected = np.asarray(expected, np.float32)
+    n = len(ages)
+    ident = np.full(n, fold, np.int64)
+    p = Predictions(
+        ids=np.arange(n, dtype=np.int64) + 1000 * fold if ids is None else np.asarray(ids, np.int64),
+        ages=ages,
+        expected=expected,
+        std=np.full(n, 2.0, np.float32),
+        identities=ident,
+        features=np.random.default_rng(fold).normal(size=(n, 4)).astype(np.float32) if features else None,
+        probs=None,
+    )
+    m = metrics(p.expected, p.ages, p.identities, p.features, p.probs)
+    return write_fold_results(
+        run / f"fold-{fold}", p, m, protocol, fold, {"mean_age_baseline": 10.0 + fold, "epochs": 3}, n_folds=n_folds
+    )
+
+
+def _assert_png(path: Path):
+    from PIL import Image
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    assert mpimg.imread(str(path)).ndim == 3
+
+
+def test_write_fold_results_files(tmp_path):
+    r = _fold(tmp_path, 2, [20, 30, 40], [25, 30, 30], "rs", 5)
+    d = tmp_path / "fold-2"
+    on_disk = json.loads((d / "results.json").read_text())
+    assert on_disk == r
+    assert r["protocol"] == "rs" and r["fold"] == 2 and r["folds"] == 5 and r["n_test"] == 3
+    assert r["test_mae"] == pytest.approx(5.0) and r["test_cs5"] == pytest.approx(2 / 3)
+    assert r["mean_age_baseline"] == 12.0 and r["epochs"] == 3
+    assert set(r["mae_by_age"]) >= {"20-29", "70+"}
+    assert r["identity_feature_variance"] is not None and r["identity_groups"] == 1
+    with np.load(d / "predictions.npz") as z:
+        assert sorted(z.files) == ["ages", "expected", "identities", "ids", "std"]
+        assert z["expected"].tolist() == [25, 30, 30]
+    assert not list(d.glob(".*")), "no temporary files left behind"
+
+
+def test_aggregate_mean_over_folds(tmp_path):
+    # Fold 0: errors 1, 1 -> MAE 1, CS 1. Fold 1: errors 0, 6, 9, 3 -> MAE 4.5, CS 0.5.
+    _fold(tmp_path, 0, [20, 30], [21, 29], "morph-rs", 2)
+    _fold(tmp_path, 1, [20, 30, 40, 50], [20, 36, 31, 53], "morph-rs", 2)
+    s = aggregate(tmp_path)
+    assert s["rule"] == "mean_over_folds" and s["complete"] and s["folds_missing"] == []
+    assert s["test_mae"] == pytest.approx((1 + 4.5) / 2)
+    assert s["test_mae_std"] == pytest.approx(np.std([1, 4.5], ddof=1))
+    assert s["test_cs5"] == pytest.approx((1 + 0.5) / 2)
+    assert s["pooled"]["mae"] == pytest.approx((1 + 1 + 0 + 6 + 9 + 3) / 6)
+    assert s["pooled"]["n"] == s["n_test"] == 6
+    assert s["mean_age_baseline"] == pytest.approx(10.5)  # plain mean of 10 and 11 under this rule
+    assert [f["fold"] for f in s["per_fold"]] == [0, 1]
+    assert json.loads((tmp_path / "results.json").read_text())["test_mae"] == pytest.approx(2.75)
+    md = (tmp_path / "results.md").read_text()
+    assert "mean +- sample std" in md and "| 0 | 2 | 1.00 | 100.0% | 10.00 |" in md
+    assert "| 1 | 4 | 4.50 | 50.0% | 11.00 |" in md
+    assert "| **mean ± std over folds** | 2 folds | 2.75 ± 2.47 |" in md
+    assert "| **pooled** | 6 | 3.33 |" in md
+    assert "All 2 folds finished" in md
+    _assert_png(tmp_path / "pred_vs_true.png")
+    _assert_png(tmp_path / "mae_by_age.png")
+
+
+def test_aggregate_lopo_pools_predictions(tmp_path):
+    # Three people with 1, 2 and 5 images: the pooled MAE weights images, the fold mean people.
+    _fold(tmp_path, 0, [5], [9], "lopo", 3)  # error 4
+    _fold(tmp_path, 1, [10, 12], [10, 12], "lopo", 3)  # errors 0, 0
+    _fold(tmp_path, 2, [60, 65, 70, 75, 80], [61, 66, 71, 76, 90], "lopo", 3)  # 1, 1, 1, 1, 10
+    s = aggregate(tmp_path)
+    assert s["rule"] == "pooled" and "pooled over all 8 test predictions" in s["rule_text"]
+    assert s["test_mae"] == pytest.approx((4 + 0 + 0 + 1 + 1 + 1 + 1 + 10) / 8)
+    assert s["test_cs5"] == pytest.approx(7 / 8)
+    assert s["test_mae_std"] is None
+    assert s["over_folds"]["mae_mean"] == pytest.approx((4 + 0 + 14 / 5) / 3), "mean over folds still reported"
+    # baseline under the pooled rule: weighted by test images, (10*1 + 11*2 + 12*5) / 8
+    assert s["mean_age_baseline"] == pytest.approx((10 + 22 + 60) / 8)
+    assert s["pooled"]["mae_by_age"]["70+"]["n"] == 3
+    # Identity invariance: the mean over persons with >= 2 images (folds 1 and 2; fold 0 has one).
+    per = {k: json.loads((tmp_path / f"fold-{k}" / "results.json").read_text()) for k in range(3)}
+    assert per[0]["identity_feature_variance"] is None and per[0]["identity_groups"] == 0
+    want = (per[1]["identity_feature_variance"] + per[2]["identity_feature_variance"]) / 2
+    assert s["identity_feature_variance"] == pytest.approx(want) and s["identity_groups"] == 2
+    md = (tmp_path / "results.md").read_text()
+    assert "Rule: leave-one-person-out" in md and "**MAE 2.25, CS(5) 87.5%** on 8 test images" in md
+    assert "Identity invariance (Table 5) over 2 identities" in md
+    assert ev.is_pooled_protocol("fgnet-lopo") and not ev.is_pooled_protocol("morph-se")
+
+
+def test_aggregate_reports_missing_folds(tmp_path):
+    for k in (0, 1, 3):
+        _fold(tmp_path, k, [20, 30], [22, 30], "se", 5)
+    (tmp_path / "fold-2").mkdir()  # started, killed before its results
+    s = aggregate(tmp_path)
+    assert s["folds_finished"] == [0, 1, 3] and s["folds_missing"] == [2, 4] and not s["complete"]
+    assert s["status"] == "3 of 5 folds finished: 0, 1, 3 (missing: 2, 4)"
+    md = (tmp_path / "results.md").read_text()
+    assert "3 of 5 folds finished: 0, 1, 3" in md and "Partial result" in md
+    # Without a recorded fold count: the fold folders tell (0..3 exist, 2 unfinished).
+    for k in (0, 1, 3):
+        r = json.loads((tmp_path / f"fold-{k}" / "results.json").read_text())
+        del r["folds"]
+        (tmp_path / f"fold-{k}" / "results.json").write_text(json.dumps(r))
+    assert aggregate(tmp_path)["folds_missing"] == [2]
+
+
+def test_aggregate_nothing_finished(tmp_path):
+    (tmp_path / "fold-0").mkdir()
+    with pytest.raises(FileNotFoundError, match="no finished fold"):
+        aggregate(tmp_path)
+
+
+def test_ranges():
+    assert ev._ranges([0, 1, 2, 3, 5, 7, 8, 10]) == "0-3, 5, 7, 8, 10"
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_cli_aggregate_end_to_end(tmp_path, capsys):
+    run = tmp_path / "fgnet-lopo"
+    _fold(run, 0, [5, 7], [6, 7], "fgnet-lopo", 3)
+    _fold(run, 2, [40], [48], "fgnet-lopo", 3)
+    assert main(["--aggregate", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 folds finished: 0, 2 (missing: 1)" in out
+    assert "| fold | n | MAE | CS(5) | baseline MAE |" in out and "| **pooled** | 3 | 3.00 |" in out
+    for name in ("results.json", "results.md", "pred_vs_true.png", "mae_by_age.png"):
+        assert (run / name).is_file()
+    _assert_png(run / "pred_vs_true.png")
+    assert main(["--aggregate", str(tmp_path / "nothing")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def _tiny_shards(root: Path) -> np.ndarray:
+    """Ten real 256x256 JPEG samples of five people in two person-disjoint folds; returns the folds."""
+    import io
+
+    from PIL import Image
+
+    from agecl.shards import Sample, write_manifest, write_samples, write_split
+
+    samples = []
+    for i in range(10):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((256, 256, 3), 20 * i, np.uint8)).save(buf, "JPEG", quality=90)
+        samples.append(Sample(age=18 + 3 * i, identity=f"p{i % 5}", source=f"p{i % 5}_{i}.jpg", jpeg=buf.getvalue()))
+    written = write_samples(root, samples, shard_size=4)
+    person = np.array([int(written.identities[k][1:]) for k in written.index["identity"]])
+    folds = (person % 2).astype(np.int16)
+    write_split(root, "kfold", folds, {"protocol": "kfold", "seed": 0})
+    write_manifest(root, written, dataset="test", default_protocol="kfold", splits=["kfold"])
+    return folds
+
+
+def test_cli_checkpoint_end_to_end(tmp_path, capsys):
+    from agecl.checkpoint import save_checkpoint
+    from agecl.config import TrainConfig, apply_overrides
+    from agecl.model import AgeModel
+    from agecl.reader import ShardSet
+
+    shards = tmp_path / "shards"
+    folds = _tiny_shards(shards)
+    cfg = apply_overrides(
+        TrainConfig(),
+        [f"data.shards={shards}", "data.fold=1", "loader.loader=torch", "loader.workers=0", "loader.image_size=32"],
+    )
+    torch.manual_seed(0)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    save_checkpoint(
+        ckpt, config=cfg, model=AgeModel(18, 45), min_age=18, max_age=45,
+        template={"size": 256, "coverage": 1.4}, epoch=2, step=10,
+    )
+    assert main(["--checkpoint", str(ckpt), "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "kfold fold 1" in out.out and "MAE " in out.out and "mean-age baseline MAE" in out.out
+    assert "identity invariance over" in out.out and "WARNING" not in out.err
+    r = json.loads((tmp_path / "run" / "eval-kfold-fold-1" / "results.json").read_text())
+    ages = ShardSet(shards).ages
+    assert r["protocol"] == "kfold" and r["fold"] == 1 and r["folds"] == 2 and r["n_test"] == int((folds == 1).sum())
+    assert r["mean_age_baseline"] == pytest.approx(mean_age_baseline(ages[folds == 0], ages[folds == 1]))
+    assert r["epochs"] == 2 and r["identity_groups"] == 2  # persons p1, p3: two images each
+    with np.load(tmp_path / "run" / "eval-kfold-fold-1" / "predictions.npz") as z:
+        assert sorted(z["ids"].tolist()) == np.flatnonzero(folds == 1).tolist()
+        assert np.all((z["expected"] >= 18) & (z["expected"] <= 45))
+    # Another fold than the one trained for: evaluated, with a warning; a missing checkpoint: exit 2.
+    assert main(["--checkpoint", str(ckpt), "--device", "cpu", "--fold", "0", "--out", str(tmp_path / "f0")]) == 0
+    assert "WARNING" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
