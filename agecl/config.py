@@ -31,6 +31,7 @@ class LoaderConfig:
     rotate_degrees: float = 5.0  # random affine: rotation range, +-degrees
     translate: float = 0.02  # random affine: shift range, fraction of the side
     scale: float = 0.05  # random affine: zoom range, 1 +- scale
+    interpolation: str = "linear"  # random affine resampling: "linear" | "nearest" (cheaper on CPU)
     workers: int = 2  # DALI CPU threads / DataLoader worker processes
     prefetch: int = 2  # batches prepared ahead of the training step
     seed: int = 0
@@ -62,8 +63,13 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     preset: str = ""  # named loss preset applied before overrides (see agecl.losses.PRESETS)
+    # Side of the network input, pixels (0 = loader.image_size, the paper's 224 crop). Smaller: the
+    # crop is resized on the device (antialiased), so a quick CPU run sees the whole face at low
+    # resolution rather than a small window of it.
+    input_size: int = 0
     epochs: int = 100
     lr: float = 1e-3  # Adam
+    lr_schedule: str = "constant"  # "constant" (the paper's) | "cosine" (decay to 0 over the run, per step)
     weight_decay: float = 0.0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"

@@ -1,0 +1,641 @@
+"""The data-loading engine: triplet batches for training, ordered batches for evaluation.
+
+Two implementations behind one interface, chosen by `LoaderConfig.loader`:
+
+- "dali": NVIDIA DALI. The sampler's triplet order feeds `fn.external_source` in batch mode (one
+  Python call a batch returns the 3B encoded JPEGs as zero-copy views into the shard maps); one
+  processing function (`process`) decodes ("mixed": nvJPEG and the hardware decoder on a GPU;
+  "cpu": libjpeg-turbo on DALI's CPU backend, `device_id=None`) and augments with DALI ops only.
+  The pipeline is built once and reused for every epoch; outputs reach torch through DLPack
+  without a copy.
+- "torch": the ordinary alternative we measure against and the fallback where DALI is missing: a
+  `DataLoader` whose workers decode with `torchvision.io.decode_jpeg` from the same maps and
+  augment with `torchvision.transforms.v2`.
+
+Training (`build_train_loader`): `loader.epoch(e)` draws epoch e's triplets with
+`agecl.sampler.TripletSampler` (seed `LoaderConfig.seed`, so the order is a pure function of
+(seed, epoch): deterministic and resumable) and yields `TripletBatch`es: rows [0:B] anchors,
+[B:2B] positives, [2B:3B] negatives. Every anchor of the rank's slice comes exactly once an epoch;
+the last, partial batch is yielded (smaller B) unless `drop_last`.
+
+Evaluation (`build_eval_loader`): centre crop, no augmentation, each sample once, in order.
+
+Labels never go through the augmentation: each batch carries its sample ids, and ages and
+identities are gathered on the device from device-resident copies of the index's columns.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from .config import LoaderConfig
+from .reader import ShardSet
+from .sampler import TripletSampler, rank_slice
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on [0, 1] pixels
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LOADERS = ("dali", "torch")
+FLIPS = ("horizontal", "vertical", "none")
+INTERPOLATIONS = ("linear", "nearest")
+STAGES = ("train", "decode")  # "decode": the benchmark's decode-only figure, no augmentation
+
+
+@dataclass
+class TripletBatch:
+    """One training batch of B triplets, 3B images, everything on the loader's device."""
+
+    images: torch.Tensor  # (3B, 3, S, S) float32, ImageNet-normalised; [0:B] a, [B:2B] p, [2B:3B] n
+    ages: torch.Tensor  # (3B,) int64 years
+    identities: torch.Tensor  # (3B,) int64 positions in identities.json
+    ids: torch.Tensor  # (3B,) int64 sample ids (rows of index.npy)
+    size: int  # B, triplets in this batch
+
+    @property
+    def anchors(self) -> torch.Tensor:
+        return self.images[: self.size]
+
+
+@dataclass
+class EvalBatch:
+    """One evaluation batch: B samples of the split, in order, on the loader's device."""
+
+    images: torch.Tensor  # (B, 3, S, S) float32, ImageNet-normalised centre crops
+    ages: torch.Tensor  # (B,) int64
+    identities: torch.Tensor  # (B,) int64
+    ids: torch.Tensor  # (B,) int64 sample ids
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Factories: what the trainer and the evaluator call.
+
+
+def build_train_loader(
+    shards: ShardSet,
+    ids: np.ndarray,
+    cfg: LoaderConfig,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    stage: str = "train",
+):
+    """The training loader of `cfg.loader` ("dali" | "torch") over the training sample ids.
+
+    Iterate `loader.epoch(e)` (or `loader.set_epoch(e)` then `iter(loader)`); `len(loader)` is the
+    steps of an epoch (the same on every rank); `loader.fallback_count` is the current epoch's
+    count of anchors drawn at a fallback age. `stage="decode"` is for the benchmark only: decode,
+    no augmentation, raw uint8 images in the decoder's layout (DALI (3B, 256, 256, 3), torch
+    (3B, 3, 256, 256)).
+    """
+    _check_config(cfg, shards)
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    cls = DaliTrainLoader if cfg.loader == "dali" else TorchTrainLoader
+    return cls(shards, ids, cfg, device, rank, world_size, drop_last, stage)
+
+
+def build_eval_loader(
+    shards: ShardSet,
+    ids: np.ndarray,
+    cfg: LoaderConfig,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    """The evaluation loader of `cfg.loader` over sample ids `ids`, in order, each once.
+
+    batch_size: images a batch (default 3 * cfg.batch_size, a training batch's images). With
+    world_size > 1 each rank gets a contiguous slice of `ids`.
+    """
+    _check_config(cfg, shards)
+    cls = DaliEvalLoader if cfg.loader == "dali" else TorchEvalLoader
+    return cls(shards, ids, cfg, device, batch_size or 3 * cfg.batch_size, rank, world_size)
+
+
+def _check_config(cfg: LoaderConfig, shards: ShardSet) -> None:
+    if cfg.loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {cfg.loader!r}")
+    if cfg.flip not in FLIPS:
+        raise ValueError(f"flip must be one of {FLIPS}, got {cfg.flip!r}")
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {cfg.interpolation!r}")
+    side = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE))
+    if not 0 < cfg.image_size <= side:
+        raise ValueError(f"image_size must be in [1, {side}] (the stored faces are {side} px), got {cfg.image_size}")
+    if cfg.batch_size < 1 or cfg.workers < 0 or cfg.prefetch < 1:
+        raise ValueError(f"need batch_size >= 1, workers >= 0, prefetch >= 1; got {cfg}")
+
+
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_ids(shards: ShardSet, ids) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 1:
+        raise ValueError(f"sample ids must be 1-d, got shape {ids.shape}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(shards)):
+        raise ValueError(f"sample ids must lie in [0, {len(shards)}) for {shards.root}")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Epoch layout shared by both implementations.
+
+
+def _epoch_steps(n: int, batch: int, world_size: int, drop_last: bool) -> int:
+    """Steps of an epoch of n anchors: the same on every rank (DDP needs equal step counts)."""
+    sizes = [hi - lo for lo, hi in (rank_slice(n, r, world_size) for r in range(world_size))]
+    return min(sizes) // batch if drop_last else math.ceil(max(sizes) / batch)
+
+
+def _batch_bounds(m: int, batch: int, steps: int) -> np.ndarray:
+    """(steps + 1,) boundaries of this rank's batches over its m anchors.
+
+    Batches of `batch`, the last partial (or the tail dropped when m > steps * batch). A rank one
+    anchor short of a batch boundary that another rank crosses would have one step fewer: its last
+    batch is then split in two, so every rank takes `steps` steps and every anchor still comes once.
+    """
+    bounds = np.minimum(np.arange(steps + 1, dtype=np.int64) * batch, m)
+    if steps and bounds[-2] == bounds[-1]:  # one batch short: halve the last full batch
+        lo = bounds[-3] if steps >= 2 else 0
+        bounds[-2] = lo + (m - lo + 1) // 2
+    return bounds
+
+
+class _TrainEpochs:
+    """The sampler and the epoch layout of one rank: epoch e -> list of (3b,) int64 sample ids."""
+
+    def __init__(self, shards: ShardSet, ids, cfg: LoaderConfig, rank: int, world_size: int, drop_last: bool):
+        self.ids = _check_ids(shards, ids)  # (N_train,) sample ids; the sampler works in positions
+        self.sampler = TripletSampler(shards.ages[self.ids], shards.identities[self.ids])
+        self.seed, self.rank, self.world_size = cfg.seed, rank, world_size
+        lo, hi = rank_slice(len(self.ids), rank, world_size)
+        self.steps = _epoch_steps(len(self.ids), cfg.batch_size, world_size, drop_last)
+        self.bounds = _batch_bounds(hi - lo, cfg.batch_size, self.steps)
+        self.fallback_count = 0
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        t = self.sampler.epoch(self.seed, epoch, self.rank, self.world_size)
+        self.fallback_count = t.fallback_count
+        a, p, n = self.ids[t.anchor], self.ids[t.positive], self.ids[t.negative]  # (M,) sample ids
+        b = self.bounds
+        # (3b,) per batch: anchors, then their positives, then their negatives.
+        return [np.concatenate((a[lo:hi], p[lo:hi], n[lo:hi])) for lo, hi in zip(b[:-1].tolist(), b[1:].tolist())]
+
+
+class _Labels:
+    """Ages and identities of every sample, resident on the device: a batch's labels are a gather."""
+
+    def __init__(self, shards: ShardSet, device: torch.device):
+        self.table = torch.from_numpy(np.stack([shards.ages, shards.identities])).to(device)  # (2, N) int64
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.table[:, ids]  # (2, n) int64, on the device
+        return rows[0], rows[1]
+
+
+class _LoaderBase:
+    """What both training loaders share: epochs, steps, fallback count, set_epoch/iter."""
+
+    def __len__(self) -> int:
+        return self._epochs.steps
+
+    @property
+    def fallback_count(self) -> int:
+        """Anchors of this rank's current epoch drawn at a fallback age (no positive of their own)."""
+        return self._epochs.fallback_count
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[TripletBatch]:
+        return self.epoch(self._epoch)
+
+    def _triplet_batch(self, images: torch.Tensor, ids: torch.Tensor) -> TripletBatch:
+        ages, identities = self._labels(ids)
+        return TripletBatch(images, ages, identities, ids, int(ids.shape[0]) // 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# DALI
+
+
+def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, side: int = fmt.IMAGE_SIZE):
+    """The DALI graph from encoded JPEGs to network input, as in NVIDIA's examples.
+
+    mode "train": decode, then ONE warp that does the whole geometry (slight random affine, the
+    random flip and the random crop, straight into an S x S output, so the warp computes only the
+    pixels that are kept), then `crop_mirror_normalize` to normalised float32 NCHW.
+    mode "eval": decode, centre crop and normalise in one `crop_mirror_normalize`.
+    mode "decode": decode only (the benchmark's decode figure), uint8 HWC.
+    Python `if`s choose the graph at build time; every per-sample draw is a DALI random op.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)  # (H, W, 3) uint8
+    if mode == "decode":
+        return images
+    s = cfg.image_size
+    normalise = dict(
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[m * 255 for m in IMAGENET_MEAN],
+        std=[d * 255 for d in IMAGENET_STD],
+    )
+    if mode == "eval":
+        return fn.crop_mirror_normalize(images, crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5, **normalise)
+
+    # Source -> output map, composed right to left about the face's centre c:
+    # flip (a -1 on one axis), scale, rotation, then shift by (translation - crop origin).
+    c = [side / 2, side / 2]
+    zoom = _uniform(fn, 1 - cfg.scale, 1 + cfg.scale)  # scalar float
+    if cfg.flip == "none":
+        sx = sy = zoom
+    else:
+        sign = 1.0 - 2.0 * fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)  # -1: flipped
+        sx, sy = (zoom * sign, zoom) if cfg.flip == "horizontal" else (zoom, zoom * sign)
+    mt = fn.transforms.scale(scale=fn.stack(sx, sy), center=c)
+    mt = fn.transforms.rotation(mt, angle=_uniform(fn, -cfg.rotate_degrees, cfg.rotate_degrees), center=c)
+    shift = _uniform(fn, -cfg.translate * side, cfg.translate * side, shape=2)  # (2,) pixels
+    origin = fn.random.uniform(values=[float(v) for v in range(side - s + 1)], shape=2)  # (2,) whole pixels
+    mt = fn.transforms.translation(mt, offset=shift - origin)
+    interp = types.INTERP_LINEAR if cfg.interpolation == "linear" else types.INTERP_NN
+    # Float output: no rounding back to uint8 before normalising (and about a fifth cheaper on
+    # DALI's CPU backend, where this warp is the costliest op of the graph).
+    images = fn.warp_affine(
+        images, matrix=mt, size=(s, s), inverse_map=False, fill_value=0, interp_type=interp, dtype=types.FLOAT
+    )  # (S, S, 3) float32, 0-255
+    return fn.crop_mirror_normalize(images, **normalise)  # (3, S, S) float32
+
+
+def _uniform(fn, lo: float, hi: float, shape=None):
+    """Per-sample uniform draws in [lo, hi); a constant node when the range is empty (lo == hi),
+    which DALI's uniform refuses: an augmentation switched off keeps the same graph."""
+    if lo == hi:
+        return fn.random.uniform(values=[float(lo)], shape=shape)
+    return fn.random.uniform(range=(float(lo), float(hi)), shape=shape)
+
+
+class _Feed:
+    """The external_source callback: batch `info.iteration` of the current epoch.
+
+    Returns (3b encoded JPEGs as zero-copy views into the shard maps, (3b,) int64 sample ids). The
+    batch list of an epoch stays alive until the pipeline has consumed it (`no_copy=True`).
+    """
+
+    def __init__(self, shards: ShardSet):
+        self.shards = shards
+        self.batches: list[np.ndarray] = []
+        self.limit = 0  # batches of this epoch DALI may still ask for: 0 makes the next call end the epoch
+
+    def __call__(self, info):
+        if info.iteration >= min(self.limit, len(self.batches)):
+            raise StopIteration
+        ids = self.batches[info.iteration]
+        return self.shards.jpegs(ids), ids
+
+
+class _DaliRunner:
+    """One DALI pipeline, built once, run for many epochs.
+
+    An epoch ends when the feed raises StopIteration and DALI has returned the batches it had
+    prefetched; then `reset()` readies the pipeline for the next epoch. An epoch abandoned midway
+    (a `break` in the training loop) is drained before the next one starts, and a pipeline that
+    failed is rebuilt, so no epoch boundary leaves the pipeline in a broken state.
+    """
+
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, device: torch.device, max_batch: int, mode: str, seed: int):
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as e:
+            raise ImportError("loader 'dali' needs nvidia-dali-cuda130 (or use loader=torch)") from e
+        self.shards, self.cfg, self.device, self.mode = shards, cfg, device, mode
+        self.max_batch, self.seed = max_batch, seed
+        self.feed = _Feed(shards)
+        self.pipe = None
+        self.open = False  # an epoch has started and not been drained
+        self.token = 0  # the epoch a running generator belongs to
+
+    def _build(self):
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+
+        gpu = self.device.type == "cuda"
+
+        @pipeline_def(
+            batch_size=self.max_batch,  # 3B images; external_source may return fewer (last batch)
+            num_threads=max(1, self.cfg.workers),
+            device_id=self.device.index if gpu else None,  # None: DALI's CPU backend
+            prefetch_queue_depth=self.cfg.prefetch,
+            seed=self.seed,
+            exec_dynamic=True,  # outputs are owned by the consumer: DLPack hand-off without a copy
+        )
+        def graph():
+            jpegs, ids = fn.external_source(
+                source=self.feed,
+                num_outputs=2,
+                batch=True,
+                batch_info=True,
+                no_copy=True,  # views into the read-only shard maps, which outlive the pipeline
+                dtype=[types.UINT8, types.INT64],
+            )
+            images = process(jpegs, self.cfg, self.mode, gpu, int(self.shards.manifest.get("image_size", fmt.IMAGE_SIZE)))
+            return images, (ids.gpu() if gpu else ids)
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+    def _drain(self):
+        """Finish an abandoned epoch: end the feed, discard what DALI prefetched, reset."""
+        if self.open and self.pipe is not None:
+            self.feed.limit = 0
+            try:
+                while True:
+                    self.pipe.run()
+            except StopIteration:
+                self.pipe.reset()
+        self.open = False
+
+    def epoch(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Start an epoch over `batches` (lists of sample ids); returns the generator of
+        (images, ids) torch tensors on the device."""
+        self._drain()
+        if self.pipe is None:
+            self.pipe = self._build()
+        self.feed.batches, self.feed.limit = batches, len(batches)
+        self.token += 1
+        return self._run(self.token, batches)
+
+    def _run(self, token: int, batches: list[np.ndarray]):
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for step in range(len(batches)):
+            if token != self.token:
+                raise RuntimeError("this epoch's iterator was superseded by a later epoch() call")
+            self.open = True
+            try:
+                # Outputs bound to torch's stream: no host sync, the step's kernels queue after DALI's.
+                images, ids = self.pipe.run(stream) if stream is not None else self.pipe.run()
+            except StopIteration:
+                raise RuntimeError(f"DALI ended the epoch after {step} of {len(batches)} batches") from None
+            except Exception as e:
+                self.pipe, self.open = None, False  # DALI's pipeline is invalid after an error: rebuild
+                if isinstance(e, fmt.FormatError):  # raised by the feed (reader), already named
+                    raise
+                raise _diagnose(self.shards, batches[step : step + self.cfg.prefetch + 1], e) from e
+            yield torch.from_dlpack(images.as_tensor()), torch.from_dlpack(ids.as_tensor())
+        # The feed ends the epoch on DALI's next call: take that StopIteration and reset now, so
+        # the pipeline is ready for the next epoch.
+        if token == self.token:
+            self._drain()
+
+
+def _decode_jpeg(jpeg: np.ndarray) -> torch.Tensor:
+    """(3, H, W) uint8 RGB from encoded bytes: torchvision's libjpeg-turbo decoder (PIL where a
+    torchvision without image decoding is installed: 0.29 deprecates it in favour of TorchCodec)."""
+    try:
+        from torchvision.io import decode_jpeg
+    except ImportError:
+        from PIL import Image
+
+        return torch.from_numpy(np.array(Image.open(io.BytesIO(jpeg.tobytes())).convert("RGB"))).permute(2, 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # decode_jpeg wants a writable tensor and the map is read-only: one copy of the bytes.
+        return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+
+
+def _diagnose(shards: ShardSet, batches: list[np.ndarray], error: Exception) -> Exception:
+    """Find which sample of the batches in flight failed DALI, by decoding each with torchvision;
+    an error naming the shard and the sample, or the original error with what was in flight."""
+    for ids in batches:
+        for i in ids.tolist():
+            try:
+                _decode_jpeg(shards.jpeg(i))
+            except Exception as e:  # noqa: BLE001 - any decoder error names the sample
+                return fmt.FormatError(f"{shards.sample_name(i)}: cannot decode the JPEG ({e}); DALI said: {_first_line(error)}")
+    first = batches[0][0] if batches and len(batches[0]) else None
+    where = f" (batch starting at {shards.sample_name(int(first))})" if first is not None else ""
+    return RuntimeError(f"DALI pipeline failed{where}: {error}")
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if "rror" in line and "Critical" not in line), lines[0] if lines else repr(e))
+
+
+def _dali_seed(seed: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class DaliTrainLoader(_LoaderBase):
+    """Triplet batches from a DALI pipeline fed in the sampler's order (see `build_train_loader`).
+
+    Augmentation draws come from DALI's random ops seeded by (cfg.seed, rank): the same loader
+    run from epoch 0 gives the same images; a run resumed at epoch e gets the same triplets but
+    fresh augmentation draws.
+    """
+
+    def __init__(self, shards, ids, cfg, device="cpu", rank=0, world_size=1, drop_last=False, stage="train"):
+        self.shards, self.cfg, self.device = shards, cfg, _device(device)
+        self._epochs = _TrainEpochs(shards, ids, cfg, rank, world_size, drop_last)
+        self._labels = _Labels(shards, self.device)
+        self._runner = _DaliRunner(shards, cfg, self.device, 3 * cfg.batch_size, stage, _dali_seed(cfg.seed, rank))
+        self._epoch = 0
+
+    def epoch(self, epoch: int) -> Iterator[TripletBatch]:
+        """Draw epoch `epoch`'s triplets (now: `fallback_count` is set) and return its batches."""
+        outputs = self._runner.epoch(self._epochs.batches(epoch))
+        return (self._triplet_batch(images, ids) for images, ids in outputs)
+
+
+class DaliEvalLoader:
+    """Evaluation batches from a DALI pipeline: centre crop, in order (see `build_eval_loader`)."""
+
+    def __init__(self, shards, ids, cfg, device="cpu", batch_size=192, rank=0, world_size=1):
+        self.shards, self.cfg, self.device = shards, cfg, _device(device)
+        ids = _check_ids(shards, ids)
+        lo, hi = rank_slice(len(ids), rank, world_size)
+        self.ids = ids[lo:hi]
+        self._batches = [self.ids[i : i + batch_size] for i in range(0, len(self.ids), batch_size)]
+        self._labels = _Labels(shards, self.device)
+        self._runner = _DaliRunner(shards, cfg, self.device, batch_size, "eval", _dali_seed(cfg.seed, rank))
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        for images, ids in self._runner.epoch(self._batches):
+            ages, identities = self._labels(ids)
+            yield EvalBatch(images, ages, identities, ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch DataLoader baseline
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches: key (epoch, step, ids) -> uint8 images.
+
+    Runs in the DataLoader's workers. Each batch seeds torch's generator from (seed, rank, epoch,
+    step), so augmentation is deterministic whatever the number of workers and resumable per epoch.
+    """
+
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, mode: str, seed: int, rank: int):
+        from torchvision.transforms import v2
+
+        self.shards, self.mode, self.seed, self.rank = shards, mode, seed, rank
+        self.size = cfg.image_size
+        if mode == "train":
+            interp = v2.InterpolationMode.BILINEAR if cfg.interpolation == "linear" else v2.InterpolationMode.NEAREST
+            steps = [
+                v2.RandomAffine(
+                    degrees=cfg.rotate_degrees,
+                    translate=(cfg.translate, cfg.translate),
+                    scale=(1 - cfg.scale, 1 + cfg.scale),
+                    interpolation=interp,
+                    fill=0,
+                )
+            ]
+            if cfg.flip == "horizontal":
+                steps.append(v2.RandomHorizontalFlip())
+            elif cfg.flip == "vertical":
+                steps.append(v2.RandomVerticalFlip())
+            steps.append(v2.RandomCrop(cfg.image_size))
+            self.transform = v2.Compose(steps)
+        elif mode == "eval":
+            self.transform = v2.CenterCrop(cfg.image_size)
+        else:  # decode
+            self.transform = None
+
+    def __len__(self) -> int:  # keys come from the sampler; the length is never used
+        return 0
+
+    def __getitem__(self, key) -> dict:
+        epoch, step, ids = key
+        # fork_rng: with workers=0 this runs in the trainer's process, whose generator stays untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, epoch, step]).generate_state(1)[0]))
+            return {"images": self._images(ids), "ids": torch.from_numpy(ids)}
+
+    def _images(self, ids: np.ndarray) -> torch.Tensor:
+        out = None
+        for k, i in enumerate(ids.tolist()):
+            try:
+                image = _decode_jpeg(self.shards.jpeg(i))  # (3, 256, 256) uint8
+            except (RuntimeError, OSError) as e:
+                raise fmt.FormatError(f"{self.shards.sample_name(i)}: cannot decode the JPEG ({e})") from e
+            if self.transform is not None:
+                image = self.transform(image)  # (3, S, S) uint8
+            if out is None:
+                out = torch.empty((len(ids), *image.shape), dtype=torch.uint8)  # (n, 3, S, S)
+            out[k] = image
+        return out
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The DataLoader's sampler: the current epoch's batch keys (epoch, step, ids), in order."""
+
+    def __init__(self):
+        self.keys: list[tuple[int, int, np.ndarray]] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _TorchRunner:
+    """A DataLoader with persistent workers, over batch keys set per epoch."""
+
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, device: torch.device, mode: str, rank: int):
+        self.device = device
+        self.keys = _Keys()
+        workers = cfg.workers
+        self.loader = torch.utils.data.DataLoader(
+            _Decoded(shards, cfg, mode, cfg.seed, rank),
+            batch_size=None,  # items are whole batches already
+            sampler=self.keys,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=cfg.prefetch if workers > 0 else None,
+            worker_init_fn=_worker_init,
+        )
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.mean, self.inv_std = mean, 1.0 / std
+        self.normalise = mode != "decode"
+
+    def epoch(self, epoch: int, batches: list[np.ndarray]):
+        self.keys.keys = [(epoch, step, ids) for step, ids in enumerate(batches)]
+        return self._run(iter(self.loader))
+
+    def _run(self, it):
+        for item in it:
+            # uint8 until the device; normalisation happens there (4x fewer bytes to move).
+            images = item["images"].to(self.device, non_blocking=True)  # (n, 3, S, S) uint8
+            if self.normalise:
+                images = (images.float() - self.mean) * self.inv_std  # (n, 3, S, S) float32
+            yield images, item["ids"].to(self.device, non_blocking=True)
+
+
+def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)  # one core a worker: the workers are the parallelism
+
+
+class TorchTrainLoader(_LoaderBase):
+    """Triplet batches from a torch DataLoader: the baseline with the same interface."""
+
+    def __init__(self, shards, ids, cfg, device="cpu", rank=0, world_size=1, drop_last=False, stage="train"):
+        self.shards, self.cfg, self.device = shards, cfg, _device(device)
+        self._epochs = _TrainEpochs(shards, ids, cfg, rank, world_size, drop_last)
+        self._labels = _Labels(shards, self.device)
+        self._runner = _TorchRunner(shards, cfg, self.device, stage, rank)
+        self._epoch = 0
+
+    def epoch(self, epoch: int) -> Iterator[TripletBatch]:
+        """Draw epoch `epoch`'s triplets (now: `fallback_count` is set) and return its batches."""
+        outputs = self._runner.epoch(epoch, self._epochs.batches(epoch))
+        return (self._triplet_batch(images, ids) for images, ids in outputs)
+
+
+class TorchEvalLoader:
+    """Evaluation batches from a torch DataLoader: centre crop, in order."""
+
+    def __init__(self, shards, ids, cfg, device="cpu", batch_size=192, rank=0, world_size=1):
+        self.shards, self.cfg, self.device = shards, cfg, _device(device)
+        ids = _check_ids(shards, ids)
+        lo, hi = rank_slice(len(ids), rank, world_size)
+        self.ids = ids[lo:hi]
+        self._batches = [self.ids[i : i + batch_size] for i in range(0, len(self.ids), batch_size)]
+        self._labels = _Labels(shards, self.device)
+        self._runner = _TorchRunner(shards, cfg, self.device, "eval", rank)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        for images, ids in self._runner.epoch(0, self._batches):
+            ages, identities = self._labels(ids)
+            yield EvalBatch(images, ages, identities, ids)

@@ -1,0 +1,294 @@
+"""The loaders ("dali" on DALI's CPU backend, and "torch") on small shard sets written to tmp.
+
+Every test runs both implementations through the public factories: shapes, dtypes, ranges,
+labels against the index, epoch coverage, determinism, the flip axis, evaluation against a PIL
+reference, and decode errors that name the shard and the sample.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agecl import format as fmt
+from agecl.config import LoaderConfig
+from agecl.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalBatch,
+    TripletBatch,
+    _batch_bounds,
+    _TrainEpochs,
+    build_eval_loader,
+    build_train_loader,
+)
+from agecl.reader import ShardSet
+from agecl.shards import Sample, write_manifest, write_samples, write_split
+
+N = 50  # samples; the kfold split makes 40 training and 10 test samples per fold
+SIDE = fmt.IMAGE_SIZE
+LOADERS = ["dali", "torch"]
+MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+
+
+def _face(i: int) -> np.ndarray:
+    """(256, 256, 3) uint8: smooth ramps (JPEG keeps them well) and a bright block in the top-left
+    quadrant, so that a horizontal flip moves it right and a vertical one moves it down."""
+    y, x = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
+    img = np.stack([40 + 0.5 * x, 40 + 0.5 * y, np.full_like(x, 20 + 4 * (i % 40))], axis=-1)
+    img[40:110, 40:110] = 250
+    return img.astype(np.uint8)
+
+
+def _jpeg(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _samples(n=N):
+    # 5 identities over 6 ages: every age has several identities, so no anchor falls back.
+    return [Sample(age=20 + i % 6, identity=f"p{i % 5}", source=f"p{i % 5}/{i:03d}.jpg", jpeg=_jpeg(_face(i))) for i in range(n)]
+
+
+def _write(root, samples, shard_size=16):
+    w = write_samples(root, samples, shard_size=shard_size)
+    write_split(root, "kfold", np.arange(len(samples)) % 5, {"protocol": "kfold"})
+    write_manifest(root, w, dataset="test")
+    return w
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    _write(root, _samples())
+    return ShardSet(root)
+
+
+def _cfg(loader, **kw):
+    # Small crops and batches keep the tests light on a shared 2-core machine.
+    base = dict(loader=loader, batch_size=6, image_size=96, workers=1, prefetch=2, seed=3)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def _reference(shards, i: int, size: int) -> np.ndarray:
+    """(3, size, size) float32: PIL decode, centre crop, ImageNet normalisation."""
+    img = np.asarray(Image.open(io.BytesIO(shards.jpeg(i).tobytes())).convert("RGB"), np.float32)
+    o = (SIDE - size) // 2
+    crop = img[o : o + size, o : o + size].transpose(2, 0, 1) / 255.0
+    return (crop - MEAN) / STD
+
+
+def _blue(shards, i: int) -> int:
+    """The blue level `_face` drew for sample id i (its number is the end of its key)."""
+    return 20 + 4 * (int(shards.key(i).rsplit("-", 1)[1]) % 40)
+
+
+def _blue_peak(image: torch.Tensor) -> int:
+    """The commonest blue level of a normalised (3, S, S) image, block and fill left out."""
+    b = np.round(image[2].numpy() * IMAGENET_STD[2] * 255 + IMAGENET_MEAN[2] * 255).astype(int)
+    return int(np.bincount(b[(b > 8) & (b < 240)]).argmax())
+
+
+def _epoch(loader, e):
+    return [
+        TripletBatch(b.images.clone(), b.ages.clone(), b.identities.clone(), b.ids.clone(), b.size) for b in loader.epoch(e)
+    ]
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_train_epoch_shapes_labels_coverage(shards, kind):
+    ids = shards.split_ids("kfold", 0)  # 40 samples
+    loader = build_train_loader(shards, ids, _cfg(kind))
+    assert len(loader) == 7  # 6 batches of 6 triplets, then 4
+    lo, hi = (-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)), ((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    lo, hi = min(lo) - 1e-4, max(hi) + 1e-4
+    anchors = []
+    batches = _epoch(loader, 0)
+    assert [b.size for b in batches] == [6] * 6 + [4]  # the last partial batch is there
+    assert isinstance(loader.fallback_count, int) and loader.fallback_count == 0
+    for b in batches:
+        n = 3 * b.size
+        assert b.images.shape == (n, 3, 96, 96) and b.images.dtype == torch.float32
+        assert b.ages.shape == b.identities.shape == b.ids.shape == (n,)
+        assert b.ages.dtype == b.identities.dtype == b.ids.dtype == torch.int64
+        assert lo <= float(b.images.min()) and float(b.images.max()) <= hi
+        assert float(b.images.std()) > 0.3  # real pictures, not zeros
+        i = b.ids.numpy()
+        assert (b.ages.numpy() == shards.ages[i]).all() and (b.identities.numpy() == shards.identities[i]).all()
+        # every row's picture is the picture of its id (each face has its own blue level)
+        assert all(abs(_blue_peak(img) - _blue(shards, k)) <= 3 for img, k in zip(b.images, i.tolist()))
+        a, p, ng = np.split(i, 3)
+        assert (shards.ages[p] == shards.ages[a]).all() and (shards.identities[p] != shards.identities[a]).all()
+        assert (shards.ages[ng] != shards.ages[a]).all() and (shards.identities[ng] != shards.identities[a]).all()
+        assert set(i) <= set(ids)
+        anchors.extend(a)
+    assert sorted(anchors) == sorted(ids)  # every training sample is an anchor exactly once
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_same_seed_same_batches_other_epoch_other_order(shards, kind):
+    ids = shards.split_ids("kfold", 1)
+    cfg = _cfg(kind, batch_size=20)  # 2 steps an epoch
+    first = _epoch(build_train_loader(shards, ids, cfg), 0)
+    again = _epoch(build_train_loader(shards, ids, cfg), 0)
+    for x, y in zip(first, again):
+        assert torch.equal(x.ids, y.ids) and torch.equal(x.images, y.images)
+    loader = build_train_loader(shards, ids, cfg)
+    loader.set_epoch(1)
+    other = [b.ids.clone() for b in loader]  # set_epoch + iter, as a DDP trainer calls it
+    assert not torch.equal(other[0], first[0].ids)
+    assert sorted(torch.cat([o[: len(o) // 3] for o in other]).tolist()) == sorted(ids)
+    # and a reseeded loader draws another order
+    reseeded = _epoch(build_train_loader(shards, ids, _cfg(kind, batch_size=20, seed=4)), 0)
+    assert not torch.equal(reseeded[0].ids, first[0].ids)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_eval_equals_reference_decode_crop_normalise(shards, kind):
+    ids = np.arange(N)[::-1].copy()  # any order: kept as given
+    loader = build_eval_loader(shards, ids, _cfg(kind, image_size=224), batch_size=16)
+    assert len(loader) == 4
+    for _ in range(2):  # the same loader evaluates again (DALI: the same pipeline)
+        batches = list(loader)
+        assert [b.size for b in batches] == [16, 16, 16, 2]  # last partial batch included
+        assert all(isinstance(b, EvalBatch) for b in batches)
+        got = torch.cat([b.images for b in batches]).numpy()
+        assert got.shape == (N, 3, 224, 224) and got.dtype == np.float32
+        assert torch.cat([b.ids for b in batches]).tolist() == ids.tolist()
+        assert torch.cat([b.ages for b in batches]).tolist() == shards.ages[ids].tolist()
+        assert torch.cat([b.identities for b in batches]).tolist() == shards.identities[ids].tolist()
+        for k in (0, 17, 49):
+            diff = np.abs(got[k] - _reference(shards, int(ids[k]), 224)) * 0.226 * 255  # back to 8-bit levels
+            # libjpeg-turbo with the same settings in all three decoders: equal, up to a level of rounding
+            assert diff.mean() < 0.1 and diff.max() <= 1.5, (kind, k, diff.mean(), diff.max())
+
+
+def _locate(out: np.ndarray, ref: np.ndarray):
+    """The (flip, oy, ox) for which `out` (3, S, S) is ref (3, 256, 256) flipped then cropped at
+    (oy, ox), by brute force on a subsample; returns the match and its mean abs difference."""
+    s = out.shape[-1]
+    best = None
+    for flip in ("none", "horizontal", "vertical"):
+        r = ref[:, :, ::-1] if flip == "horizontal" else ref[:, ::-1, :] if flip == "vertical" else ref
+        for oy in range(SIDE - s + 1):
+            for ox in range(SIDE - s + 1):
+                d = float(np.abs(r[:, oy : oy + s : 8, ox : ox + s : 8] - out[:, ::8, ::8]).mean())
+                if best is None or d < best[-1]:
+                    best = (flip, oy, ox, d)
+    flip, oy, ox, _ = best
+    r = ref[:, :, ::-1] if flip == "horizontal" else ref[:, ::-1, :] if flip == "vertical" else ref
+    return flip, oy, ox, float(np.abs(r[:, oy : oy + s, ox : ox + s] - out).mean())
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("flip", ["horizontal", "vertical", "none"])
+def test_flip_axis_with_affine_off(shards, kind, flip):
+    ids = shards.split_ids("kfold", 2)
+    cfg = _cfg(kind, flip=flip, rotate_degrees=0.0, translate=0.0, scale=0.0, image_size=224, batch_size=20)
+    seen = set()
+    images, sample_ids = [], []
+    for b in build_train_loader(shards, ids, cfg).epoch(0):
+        images.append(b.images.numpy().copy())
+        sample_ids.append(b.ids.numpy().copy())
+    images, sample_ids = np.concatenate(images), np.concatenate(sample_ids)
+    for img in images:
+        bright = img.mean(0) > 2.0  # the block (level 250) stands out of the ramps
+        ys, xs = np.nonzero(bright)
+        seen.add((ys.mean() > 112, xs.mean() > 112))  # (bottom half?, right half?)
+    expected = {"horizontal": {(False, False), (False, True)}, "vertical": {(False, False), (True, False)}, "none": {(False, False)}}
+    assert seen == expected[flip]
+    # With the affine off the crop is exact: the output is the decoded face, flipped, cropped at whole pixels.
+    for k in range(3):
+        ref = _reference(shards, int(sample_ids[k]), SIDE)
+        got_flip, oy, ox, err = _locate(images[k], ref)
+        assert err * 0.226 * 255 < 1.0, (kind, flip, got_flip, oy, ox, err)
+        assert got_flip in ("none", flip)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_epoch_boundaries_survive_a_break(shards, kind):
+    ids = shards.split_ids("kfold", 3)
+    loader = build_train_loader(shards, ids, _cfg(kind, batch_size=4))  # 10 steps
+    for k, _ in enumerate(loader.epoch(0)):
+        if k == 1:
+            break  # abandon the epoch with batches prefetched (inside DALI, or in the workers)
+    runner = loader._runner.pipe if kind == "dali" else loader._runner.loader
+    full = [b.ids[: b.size].clone() for b in loader.epoch(1)]
+    assert sorted(torch.cat(full).tolist()) == sorted(ids)
+    if kind == "dali":
+        assert loader._runner.pipe is runner  # drained and reset, not rebuilt
+    # the order is a function of (seed, epoch) only, not of what ran before
+    reference = build_train_loader(shards, ids, _cfg(kind, batch_size=4))
+    assert torch.equal(torch.cat([b.ids[: b.size].clone() for b in reference.epoch(1)]), torch.cat(full))
+    if kind == "dali":
+        stale = loader.epoch(2)
+        fresh = loader.epoch(3)
+        with pytest.raises(RuntimeError, match="superseded"):
+            next(stale)
+        assert sum(b.size for b in fresh) == len(ids)
+
+
+def test_epoch_layout_across_ranks():
+    # 129 anchors on 2 ranks: slices of 64 and 65. Batches of 64 would give the ranks 1 and 2
+    # steps (a DDP hang): the shorter rank splits its last batch instead.
+    assert _batch_bounds(64, 64, 2).tolist() == [0, 32, 64]
+    assert _batch_bounds(65, 64, 2).tolist() == [0, 64, 65]
+    assert _batch_bounds(10, 4, 3).tolist() == [0, 4, 8, 10]
+    assert _batch_bounds(10, 4, 2).tolist() == [0, 4, 8]  # drop_last: the tail goes
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_share_an_epoch(shards, world_size):
+    ids = shards.split_ids("kfold", 4)
+    cfg = _cfg("dali", batch_size=7)
+    epochs = [_TrainEpochs(shards, ids, cfg, r, world_size, drop_last=False) for r in range(world_size)]
+    assert len({e.steps for e in epochs}) == 1
+    anchors = []
+    for e in epochs:
+        batches = e.batches(5)
+        assert len(batches) == e.steps and all(len(b) % 3 == 0 and len(b) for b in batches)
+        anchors.extend(np.concatenate([np.split(b, 3)[0] for b in batches]).tolist())
+    assert sorted(anchors) == sorted(ids)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_undecodable_jpeg_names_shard_and_sample(tmp_path, kind):
+    samples = _samples(12)
+    good = samples[5].jpeg
+    samples[5].jpeg = good[:2] + bytes(200) + good[-2:]  # SOI, garbage, EOI: passes the marker check
+    w = _write(tmp_path, samples, shard_size=5)
+    bad = w.sources.index(samples[5].source)
+    ss = ShardSet(tmp_path)
+    loader = build_eval_loader(ss, np.arange(12), _cfg(kind), batch_size=4)
+    with pytest.raises(fmt.FormatError, match=rf"shard-{bad // 5:05d}\.tar: sample {bad} \(key {w.keys[bad]}\): cannot decode"):
+        list(loader)
+
+
+def test_bad_config_is_refused(shards):
+    with pytest.raises(ValueError, match="flip"):
+        build_train_loader(shards, np.arange(10), _cfg("torch", flip="diagonal"))
+    with pytest.raises(ValueError, match="loader"):
+        build_eval_loader(shards, np.arange(10), _cfg("ffcv"))
+    with pytest.raises(ValueError, match="image_size"):
+        build_eval_loader(shards, np.arange(10), _cfg("torch", image_size=300))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dali_gpu_matches_cpu(shards):
+    ids = np.arange(N)
+    cpu = torch.cat([b.images for b in build_eval_loader(shards, ids, _cfg("dali", image_size=224), batch_size=16)])
+    gpu_loader = build_eval_loader(shards, ids, _cfg("dali", image_size=224), device="cuda", batch_size=16)
+    batches = list(gpu_loader)
+    assert batches[0].images.is_cuda and batches[0].ages.is_cuda
+    got = torch.cat([b.images for b in batches]).cpu()
+    assert (got - cpu).abs().mean() * 0.226 * 255 < 2.0  # nvJPEG vs libjpeg-turbo
+    train = build_train_loader(shards, shards.split_ids("kfold", 0), _cfg("dali"), device="cuda")
+    b = next(iter(train.epoch(0)))
+    assert b.images.is_cuda and b.images.shape == (18, 3, 96, 96)
+    assert (b.ages.cpu().numpy() == shards.ages[b.ids.cpu().numpy()]).all()
