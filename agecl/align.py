@@ -208,6 +208,15 @@ class FaceDetector:
     pad: bool | None = None
     _nets: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    # The fields that change which faces are found and where (not the device or the batching):
+    # a shard set records them, and a resumed build must use the same.
+    RESULT_FIELDS = ("detect_size", "min_face", "thresholds", "factor", "fallback_size", "fallback_thresholds", "margin")
+
+    def settings(self) -> dict:
+        """JSON-ready settings that determine the detections (see RESULT_FIELDS)."""
+        values = {k: getattr(self, k) for k in self.RESULT_FIELDS}
+        return {"model": "MTCNN (facenet-pytorch)", **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_nets"] = {}  # torch modules stay behind; the receiving process builds its own
@@ -479,17 +488,6 @@ class AlignedFace:
     photo_points: np.ndarray  # (5, 2) float32 landmarks in the photo
     outside: float  # share of the aligned frame beyond the photo's edge, filled by the border
     fallback: bool = False  # found only by FaceDetector's second pass
-
-    def meta(self) -> dict:
-        """JSON-ready fields for a sample's <key>.json."""
-        return {
-            "face_score": round(float(self.score), 4),
-            "face_box": [round(float(v), 1) for v in self.box],
-            "faces_found": int(self.n_faces),
-            "outside": round(float(self.outside), 3),
-            "face_fallback": bool(self.fallback),
-            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.points],
-        }
 
 
 @dataclass

@@ -113,13 +113,6 @@ class Job:
         return Path(self.staging) / CHUNK_PATTERN.format(j)
 
 
-def detector_settings(detector) -> dict:
-    """The FaceDetector fields that change which faces are found and where (not device or batch)."""
-    keep = ("detect_size", "min_face", "thresholds", "factor", "fallback_size", "fallback_thresholds", "margin")
-    d = {k: getattr(detector, k) for k in keep}
-    return {"model": "MTCNN (facenet-pytorch)", **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
-
-
 def _sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -725,7 +718,7 @@ def build(o: argparse.Namespace) -> int:
         "chunk_size": o.chunk_size,
         "image_size": fmt.IMAGE_SIZE,
         "coverage": o.coverage,
-        "detector": detector_settings(detector) if detector else None,
+        "detector": detector.settings() if detector else None,
         "jpeg_quality": o.jpeg_quality,
     }
     settings_sha256 = _sha256(settings)
