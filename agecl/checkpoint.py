@@ -315,8 +315,9 @@ def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[Ag
     comes from the checkpoint's min_age / max_age, the architecture from its config.
     """
     ckpt = load_checkpoint(path, map_location="cpu")
-    arch = ckpt["config"].get("model", {}).get("arch", "resnet18")
-    model = AgeModel(ckpt["min_age"], ckpt["max_age"], arch=arch, pretrained="")
+    model_cfg = ckpt["config"].get("model", {})
+    arch = model_cfg.get("arch", "resnet18")
+    model = AgeModel(ckpt["min_age"], ckpt["max_age"], arch=arch, pretrained="", input_size=model_cfg.get("input_size", 0))
     try:
         model.load_state_dict(strip_prefixes(ckpt["model"]), strict=True)
     except RuntimeError as e:

@@ -41,6 +41,10 @@ class LoaderConfig:
 class ModelConfig:
     arch: str = "resnet18"
     pretrained: str = ""  # "" (random init) | "imagenet" (torchvision weights) | path to a weights file
+    # Side of the network input, pixels (0 = the loader's crop, the paper's 224). Smaller: the model
+    # resizes its input first (antialiased), so a quick CPU run sees the whole face at low
+    # resolution rather than a small window of it; every user of a checkpoint gets the same.
+    input_size: int = 0
 
 
 @dataclass
@@ -63,10 +67,6 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     preset: str = ""  # named loss preset applied before overrides (see agecl.losses.PRESETS)
-    # Side of the network input, pixels (0 = loader.image_size, the paper's 224 crop). Smaller: the
-    # crop is resized on the device (antialiased), so a quick CPU run sees the whole face at low
-    # resolution rather than a small window of it.
-    input_size: int = 0
     epochs: int = 100
     lr: float = 1e-3  # Adam
     lr_schedule: str = "constant"  # "constant" (the paper's) | "cosine" (decay to 0 over the run, per step)

@@ -40,7 +40,7 @@ class PretrainedError(RuntimeError):
 class AgeModel(nn.Module):
     """ResNet backbone + linear age head. `forward(x) -> (features (B, D), logits (B, A))`."""
 
-    def __init__(self, min_age: int, max_age: int, arch: str = "resnet18", pretrained: str = ""):
+    def __init__(self, min_age: int, max_age: int, arch: str = "resnet18", pretrained: str = "", input_size: int = 0):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
@@ -50,6 +50,7 @@ class AgeModel(nn.Module):
         self.min_age = int(min_age)
         self.max_age = int(max_age)
         self.num_classes = self.max_age - self.min_age + 1
+        self.input_size = int(input_size)  # 0: the input is used at the size it comes
 
         backbone = torchvision.models.get_model(arch, weights=None)
         self.feature_dim = backbone.fc.in_features  # 512 for resnet18/34, 2048 for resnet50/101
@@ -64,6 +65,9 @@ class AgeModel(nn.Module):
         self.register_buffer("class_index", torch.arange(self.num_classes, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_size and x.shape[-1] != self.input_size:
+            # A shape test, fixed at trace time: no data-dependent branch under torch.compile.
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
         f = self.backbone(x)  # (B, D)
         return f, self.head(f)  # (B, D), (B, A)
 
@@ -91,7 +95,7 @@ class AgeModel(nn.Module):
 def build_model(cfg, min_age: int, max_age: int) -> AgeModel:
     """An `AgeModel` from a `TrainConfig` (or a `ModelConfig`) and the resolved age range."""
     mcfg = getattr(cfg, "model", cfg)
-    return AgeModel(min_age, max_age, arch=mcfg.arch, pretrained=mcfg.pretrained)
+    return AgeModel(min_age, max_age, arch=mcfg.arch, pretrained=mcfg.pretrained, input_size=mcfg.input_size)
 
 
 def strip_prefixes(state: dict) -> dict:

@@ -345,3 +345,25 @@ def test_pretrained_from_an_agecl_checkpoint(tmp_path, model):
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(m.backbone.state_dict()[key], value), key
     assert m.head.weight.shape == (70, 512)
+
+
+def test_input_size_resizes_inside_the_model_and_survives_a_checkpoint(tmp_path):
+    """A model trained at input_size S takes the loader's larger crop and resizes it itself, so
+    evaluation, prediction and export feed it the same crops as training did."""
+    from agecl.checkpoint import load_model, save_checkpoint
+    from agecl.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = AgeModel(0, 9, input_size=32).eval()
+    crops = torch.randn(2, 3, 64, 64)
+    small = torch.nn.functional.interpolate(crops, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(model(crops)[1], model(small)[1], atol=1e-5)
+    cfg = TrainConfig()
+    cfg.model.input_size = 32
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, config=cfg, model=model, min_age=0, max_age=9, template={"size": 256, "coverage": 1.4}, epoch=1, step=1)
+    loaded, _ = load_model(path)
+    assert loaded.input_size == 32
+    with torch.no_grad():
+        assert torch.equal(loaded(crops)[1], model(crops)[1])

@@ -1,0 +1,564 @@
+"""The training loop (`agecl-train`): triplets in, an age model and its test-fold results out.
+
+    agecl-train --shards shards/morph                       # the paper's settings, one fold
+    agecl-train --shards shards/morph --protocol se --all-folds
+    torchrun --nproc_per_node 8 -m agecl.train --shards shards/morph
+    agecl-train --shards shards/synthetic --image-size 64 --epochs 3 --device cpu --out runs/try
+
+It reads top to bottom like nanoGPT's train.py: configuration, distributed setup, data, model,
+resume, compile, DDP wrap, the loop, the test-fold evaluation. One code path for CPU and GPU, fp32
+and bf16: only `ctx` (autocast or nothing) and a few flags (compile, fused Adam) differ.
+
+Inside a step nothing reads a tensor on the host: the loss terms accumulate on the device and
+are read at one labelled sync point every `log_every` steps and at the end of an epoch. On CUDA
+the model and the loss are compiled (not the loader: DALI cannot run inside a CUDA graph), run
+under bf16 autocast in channels_last, and Adam is fused.
+
+A run folder `runs/<name>/` holds config.json, metrics.jsonl (one line per log interval and one
+per epoch), checkpoint.pt (every epoch, atomic; `--resume` continues from the next epoch),
+then results.json and predictions.npz (the final epoch's model on the test fold: nothing is
+selected on the test fold). `--all-folds` runs every fold in `runs/<name>/fold-<k>/` (a fold with
+results.json is skipped when the command runs again) and aggregates them (agecl.evaluate).
+LOPO folds are tiny (one FG-NET person each); on a GPU several could run at once, one process
+each (e.g. `--fold K` per process), then `agecl-eval --aggregate`: not automated here.
+
+Exact resume: the triplets of epoch e are a pure function of (seed, e) (agecl.sampler) and the
+torch loader seeds each batch's augmentation from (seed, rank, epoch, step), so a run killed and
+resumed with `--loader torch` computes the same weights as an uninterrupted one (CPU, fp32). The
+DALI loader seeds its random ops once per pipeline: after a resume the triplets are the same but
+the augmentation draws differ (a warning says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agecl import dist
+from agecl import evaluate as ev
+from agecl import format as fmt
+from agecl.atomic import write_json, write_text
+from agecl.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, set_rng_state
+from agecl.config import TrainConfig, apply_overrides, describe, to_dict
+from agecl.loader import build_eval_loader, build_train_loader
+from agecl.losses import age_loss, apply_train_preset
+from agecl.model import AgeModel, PretrainedError
+from agecl.reader import ShardSet
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+RESULTS_FILE = ev.RESULTS_FILE
+# The values logged: age_loss's weighted total, its unweighted terms, and the anchors' train MAE.
+LOG_TERMS = ("total", "ce", "mean", "variance", "cosine", "triplet", "kl", "mae")
+LOG_KEYS = tuple("train_mae" if k == "mae" else k for k in LOG_TERMS)  # their names in metrics.jsonl
+# Debug only: when set to a folder, each rank writes the sample ids of its anchors per epoch there
+# (anchors-rank<r>-epoch<e>.npy); the DDP test checks that the ranks' anchors are disjoint.
+DEBUG_ANCHORS_ENV = "AGECL_DEBUG_ANCHORS"
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+# --- Configuration from the command line ---------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agecl-train",
+        description="Train an age model with contrastive triplets (Chae et al., arXiv 2308.11896) on a shard set. "
+        "Defaults are the paper's: Adam, lr 0.001, 100 epochs, 64 triplets a batch, 224 crops.",
+        epilog="Order of precedence: defaults < --preset < the flags above < --set. "
+        "Multi-GPU: torchrun --nproc_per_node N -m agecl.train ...",
+    )
+    p.add_argument("--shards", required=True, help="shard folder written by tools/make_shards.py")
+    p.add_argument("--protocol", help="split name: rs, se, lopo, kfold or any split of the set (default: the manifest's default_protocol)")
+    folds = p.add_mutually_exclusive_group()
+    folds.add_argument("--fold", type=int, help="test fold (default 0); training uses every other fold")
+    folds.add_argument("--all-folds", action="store_true", help="run every fold in turn (runs/<name>/fold-<k>/), then aggregate")
+    p.add_argument("--preset", help="loss preset of agecl.losses.PRESETS, e.g. paper-morph-ternary, mv (applied first)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="triplets a batch (3x as many images)")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="constant (the paper's) or cosine decay to 0")
+    p.add_argument("--image-size", type=int, help="side of the network input, pixels (224, the paper's crop; e.g. 64 for quick CPU runs: "
+                   "the 224 crop is then resized, so the network sees the whole face at lower resolution)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--loader", choices=("dali", "torch"), help="data loader (dali: GPU decode; torch: DataLoader baseline)")
+    p.add_argument("--workers", type=int, help="DALI threads / DataLoader worker processes")
+    p.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile model and loss (auto: on for CUDA)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--arch", help="backbone: resnet18 (the paper's), resnet34, resnet50, resnet101")
+    p.add_argument("--pretrained", nargs="?", const="imagenet", help="backbone weights: imagenet (the paper's; the default when the flag has no value) or a file")
+    p.add_argument("--flip", choices=("horizontal", "vertical", "none"), help="random flip (the paper's text says vertical)")
+    p.add_argument("--min-age", type=int, help="lowest age class (default: the shard set's)")
+    p.add_argument("--max-age", type=int, help="highest age class (default: the shard set's)")
+    p.add_argument("--seed", type=int, help="seed of the model init, the triplet order and the augmentation")
+    p.add_argument("--log-every", type=int, help="steps between logging (host sync) points")
+    p.add_argument("--out", help="run folder (default runs/<name>)")
+    p.add_argument("--name", help="run name (default: <shard folder>-<protocol>-fold<k>; with --all-folds <shard folder>-<protocol>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any config field, e.g. --set loss.triplet=1 --set loader.rotate_degrees=10 (repeatable; unknown keys are an error)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A TrainConfig from parsed arguments: defaults, then the preset, then flags, then --set."""
+    cfg = TrainConfig()
+    overrides = list(args.overrides)
+    # A preset rewrites every loss weight: it goes first so that flags and --set win over it.
+    preset = args.preset
+    for item in list(overrides):
+        if item.split("=", 1)[0].strip() == "preset":
+            preset = item.split("=", 1)[1] if "=" in item else preset
+            overrides.remove(item)
+    if preset:
+        apply_train_preset(cfg, preset)
+    cfg.data.shards = args.shards
+    flags = {
+        "data.protocol": args.protocol,
+        "data.fold": args.fold,
+        "data.min_age": args.min_age,
+        "data.max_age": args.max_age,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "lr_schedule": args.lr_schedule,
+        "loader.batch_size": args.batch_size,
+        "model.input_size": args.image_size,
+        "loader.loader": args.loader,
+        "loader.workers": args.workers,
+        "loader.flip": args.flip,
+        "device": args.device,
+        "compile": args.compile,
+        "precision": args.precision,
+        "model.arch": args.arch,
+        "model.pretrained": args.pretrained,
+        "log_every": args.log_every,
+        "out": args.out,
+        "name": args.name,
+    }
+    apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None])
+    if args.seed is not None:  # one seed for the model init and for the loader (triplets, augmentation)
+        cfg.seed = cfg.loader.seed = args.seed
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r}: no CUDA GPU is visible (use --device cpu)")
+    if device.type not in ("cuda", "cpu"):
+        raise TrainError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve(cfg: TrainConfig, shards: ShardSet, fold_dir: bool = False) -> TrainConfig:
+    """Fill what the defaults leave to the data: protocol, age range, run name and folder.
+
+    The resolved values are what config.json and the checkpoint store, so that a resumed run is
+    checked against the protocol and ages it actually used.
+    """
+    cfg = copy.deepcopy(cfg)
+    m = shards.manifest
+    if not cfg.data.protocol:
+        cfg.data.protocol = m.get("default_protocol") or ""
+        if not cfg.data.protocol:
+            raise TrainError(f"{shards.root}: the manifest names no default_protocol; pass --protocol")
+    shards.split(cfg.data.protocol)  # an unknown split fails here, listing the known ones
+    if cfg.data.min_age < 0:
+        cfg.data.min_age = shards.min_age
+    if cfg.data.max_age < 0:
+        cfg.data.max_age = shards.max_age
+    if cfg.model.input_size > cfg.loader.image_size:
+        raise TrainError(
+            f"image size {cfg.model.input_size} exceeds the loader's crop ({cfg.loader.image_size} px of the stored face); "
+            f"to train on larger crops add --set loader.image_size={cfg.model.input_size}"
+        )
+    if cfg.model.input_size <= 0:
+        cfg.model.input_size = cfg.loader.image_size
+    if not 0 <= cfg.data.min_age <= cfg.data.max_age:
+        raise TrainError(f"age range {cfg.data.min_age}..{cfg.data.max_age}: need 0 <= min_age <= max_age")
+    stem = f"{Path(cfg.data.shards).resolve().name}-{cfg.data.protocol}"
+    if not cfg.name:
+        cfg.name = Path(cfg.out).name if cfg.out else (stem if fold_dir else f"{stem}-fold{cfg.data.fold}")
+    if not cfg.out:
+        cfg.out = str(Path("runs") / cfg.name)
+    return cfg
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> str:
+    p = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if p not in ("bf16", "fp32"):
+        raise TrainError(f"precision {cfg.precision!r}: expected auto, bf16 or fp32")
+    return p
+
+
+def _compile(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.compile not in ("auto", "on", "off"):
+        raise TrainError(f"compile {cfg.compile!r}: expected auto, on or off")
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def _template(manifest: dict) -> dict:
+    t = manifest.get("template") or {}
+    return {"size": int(t.get("size", fmt.IMAGE_SIZE)), "coverage": float(t.get("coverage", fmt.DEFAULT_COVERAGE))}
+
+
+# --- Run-folder files ------------------------------------------------------------------------------
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the log lines a killed run wrote after its last checkpoint (at `step`)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a line the kill cut short
+            continue
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of step `step` (0-based) of `total_steps`: cfg.lr throughout ("constant",
+    the paper's), or a cosine decay from cfg.lr to 0 ("cosine"). A function of the step alone, so
+    a resumed run continues the same schedule."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    raise TrainError(f"lr_schedule {cfg.lr_schedule!r}: expected constant or cosine")
+
+
+def train_step(model, loss_fn, optimizer, ctx, images, targets, weights, batch: int) -> dict:
+    """One optimisation step: forward and loss under `ctx`, backward, Adam. No host sync.
+
+    images (3b, 3, S, S) on the device, rows [0:b] anchors, [b:2b] positives, [2b:3b] negatives;
+    targets (3b,) int64 class indices (age - min_age). Returns age_loss's dict of 0-d tensors.
+    """
+    with ctx:
+        features, logits = model(images)  # (3b, D), (3b, A)
+        terms = loss_fn(features, logits, targets, weights, batch)  # dict of 0-d float32
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    optimizer.step()
+    return terms
+
+
+# --- One fold ------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Train one fold as `cfg` says and evaluate its final model on the test fold.
+
+    Returns the results dict (what results.json holds: test_mae, test_cs5, mean_age_baseline,
+    protocol, fold, ...) on every rank. `resume`: continue from the run folder's checkpoint (a
+    missing checkpoint starts afresh); without it, a run folder holding a checkpoint is refused.
+    Raises TrainError / CheckpointError / FormatError with a message naming the file and the reason.
+    """
+    t_start = time.time()
+    # -- setup: device, distributed, seeds, precision ---------------------------------------------
+    device = resolve_device(cfg.device)
+    ddp_info = dist.init(device.type)
+    ddp, rank, world = ddp_info.ddp, ddp_info.rank, ddp_info.world_size
+    master = ddp_info.is_main
+    if ddp and device.type == "cuda":
+        device = torch.device("cuda", ddp_info.local_rank)
+    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
+    np.random.seed(cfg.seed)
+    precision = _precision(cfg, device)
+    learning_rate(cfg, 0, 1)  # an unknown schedule fails now, not after the data is set up
+    use_compile = _compile(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast
+    # One code path for every precision: autocast or nothing. bf16 needs no GradScaler.
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # channels_last: the layout cuDNN's (and oneDNN's) fastest convolutions want.
+    memory_format = torch.channels_last
+
+    # -- data: shard set, protocol fold, loaders --------------------------------------------------
+    shards = ShardSet(cfg.data.shards)
+    cfg = resolve(cfg, shards)
+    run_dir = Path(cfg.out)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    protocol, fold = cfg.data.protocol, cfg.data.fold
+    min_age, max_age = cfg.data.min_age, cfg.data.max_age
+    n_folds = int(shards.split(protocol).max()) + 1
+    train_ids = shards.split_ids(protocol, fold, "train")  # (N_train,) int64 sample ids
+    test_ids = shards.split_ids(protocol, fold, "test")  # (N_test,)
+    if len(train_ids) == 0 or len(test_ids) == 0:
+        raise TrainError(f"{protocol} fold {fold} of {shards.root}: {len(train_ids)} training, {len(test_ids)} test samples")
+    template = _template(shards.manifest)
+    # A run folder is continued only on request, and only by the configuration that wrote it:
+    # checked before anything is built or written.
+    ckpt = None
+    if ckpt_path.is_file():
+        if not resume:
+            raise TrainError(
+                f"{ckpt_path}: this run folder already holds a checkpoint; pass --resume to continue it, "
+                "or --name / --out for a new run"
+            )
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        check_compatible(ckpt, cfg, min_age=min_age, max_age=max_age, template=template)
+    elif resume:
+        dist.print0(f"{ckpt_path}: no checkpoint yet; starting the run")
+    train_loader = build_train_loader(shards, train_ids, cfg.loader, device, rank=rank, world_size=world)
+    steps_per_epoch = len(train_loader)
+    baseline = ev.mean_age_baseline(shards.ages[train_ids], shards.ages[test_ids])
+
+    # -- model and optimizer -------------------------------------------------------------------------
+    # A resumed run takes every weight from its checkpoint: no backbone download for nothing.
+    raw_model = AgeModel(
+        min_age, max_age, arch=cfg.model.arch, pretrained=cfg.model.pretrained if ckpt is None else "", input_size=cfg.model.input_size
+    )
+    raw_model = raw_model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(
+        raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+
+    # -- resume or start ---------------------------------------------------------------------------------
+    start_epoch, step = 0, 0
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        if ckpt.get("optimizer") is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        dist.print0(f"resuming {ckpt_path} after epoch {start_epoch} (step {step})")
+        if cfg.loader.loader == "dali" and start_epoch < cfg.epochs:
+            dist.print0(
+                "note: the DALI loader seeds its augmentation once per pipeline; after a resume the triplets "
+                "are the same as in an uninterrupted run, the augmentation draws are not (--loader torch is exact)"
+            )
+        del ckpt
+    if master:
+        dist.print0(describe(cfg))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / CONFIG_FILE, to_dict(cfg))
+        _truncate_metrics(run_dir / METRICS_FILE, step)
+        dist.print0(
+            f"{shards.root}: {protocol} fold {fold} of {n_folds}: {len(train_ids)} training, {len(test_ids)} test "
+            f"samples, ages {min_age}-{max_age}; {steps_per_epoch} steps an epoch x {world} rank(s); "
+            f"{device.type} {precision}, compile {'on' if use_compile else 'off'}, loader {cfg.loader.loader}; "
+            f"run folder {run_dir}"
+        )
+
+    # -- compile and DDP wrap ---------------------------------------------------------------------------
+    # The model and the loss are compiled separately (not the loader: DALI cannot run inside a CUDA
+    # graph). Compile first, then wrap in DDP, as nanoGPT does: DDP around a compiled module lets
+    # dynamo split the graph at gradient buckets so all-reduce overlaps the backward pass.
+    model = torch.compile(raw_model) if use_compile else raw_model
+    loss_fn = torch.compile(age_loss) if use_compile else age_loss
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    metrics_path = run_dir / METRICS_FILE
+    debug_dir = os.environ.get(DEBUG_ANCHORS_ENV)
+    images_per_step = 3 * cfg.loader.batch_size * world  # nominal, for the progress bar
+    bar = None
+    if master and not quiet and start_epoch < cfg.epochs:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=(cfg.epochs - start_epoch) * steps_per_epoch * images_per_step,
+            unit="img",
+            unit_scale=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=1.0,
+        )
+    n_terms = len(LOG_TERMS)
+    total_steps = cfg.epochs * steps_per_epoch
+    lr = learning_rate(cfg, step, total_steps)
+    zero = torch.zeros(n_terms, device=device)
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = t_log = time.time()
+        interval_sum, interval_steps, interval_images = zero.clone(), 0, 0  # since the last log line
+        epoch_sum, epoch_images, epoch_anchors = zero.clone(), 0, 0
+        anchors_seen = [] if debug_dir else None
+        if bar is not None:
+            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+        for batch in train_loader.epoch(epoch):
+            b = batch.size  # triplets in this batch: a host int, no sync
+            images = batch.images.contiguous(memory_format=memory_format)  # (3b, 3, C, C) float32
+            targets = (batch.ages - min_age).clamp_(0, max_age - min_age)  # (3b,) class indices, on the device
+            lr = learning_rate(cfg, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr  # a Python float: no tensor, no sync
+            terms = train_step(model, loss_fn, optimizer, ctx, images, targets, cfg.loss, b)
+            step += 1
+            # Accumulate on the device: no host sync here.
+            logged = torch.stack([terms[k].detach() for k in LOG_TERMS])  # (n_terms,)
+            interval_sum += logged
+            epoch_sum += logged * b
+            interval_steps += 1
+            interval_images += 3 * b
+            epoch_images += 3 * b
+            epoch_anchors += b
+            if anchors_seen is not None:
+                anchors_seen.append(batch.ids[:b].cpu())  # debug only: a host sync per step
+            if bar is not None:
+                bar.update(3 * b * world)
+            if step % cfg.log_every == 0:
+                # Logging: this is a CPU-GPU sync point (the all-reduce and .tolist() wait for the step).
+                packed = torch.cat([interval_sum / (interval_steps * world), interval_sum.new_tensor([interval_images])])
+                *values, images_now = dist.all_reduce(packed, "sum").tolist()  # means over ranks, images summed
+                now = time.time()
+                row = {"kind": "step", "epoch": epoch + 1, "step": step, **dict(zip(LOG_KEYS, values)), "lr": lr,
+                       "images_per_sec": images_now / max(now - t_log, 1e-9)}
+                if master:
+                    _append_jsonl(metrics_path, row)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['total']:.3f}", mae=f"{row['train_mae']:.2f}", refresh=False)
+                interval_sum.zero_()
+                interval_steps, interval_images, t_log = 0, 0, now
+
+        # End of the epoch: this is a CPU-GPU sync point (epoch means, counts over the ranks).
+        counts = torch.tensor([epoch_anchors, epoch_images, train_loader.fallback_count], dtype=torch.float64)
+        packed = dist.all_reduce(torch.cat([epoch_sum.double(), counts.to(device)]), "sum").tolist()
+        anchors, images_done, fallbacks = (int(v) for v in packed[n_terms:])
+        means = [v / max(anchors, 1) for v in packed[:n_terms]]  # triplet-weighted epoch means
+        epoch_time = time.time() - t_epoch
+        row = {"kind": "epoch", "epoch": epoch + 1, "step": step, **dict(zip(LOG_KEYS, means)), "lr": lr,
+               "images_per_sec": images_done / max(epoch_time, 1e-9), "epoch_time_s": epoch_time,
+               "anchors": anchors, "fallback_count": fallbacks}
+        if anchors_seen is not None:
+            Path(debug_dir).mkdir(parents=True, exist_ok=True)
+            np.save(Path(debug_dir) / f"anchors-rank{rank}-epoch{epoch}.npy", torch.cat(anchors_seen).numpy())
+        if master:
+            _append_jsonl(metrics_path, row)
+            # The plain module, never the compiled or DDP wrapper.
+            save_checkpoint(ckpt_path, config=cfg, model=raw_model, min_age=min_age, max_age=max_age,
+                            template=template, epoch=epoch + 1, step=step, optimizer=optimizer, metrics=row)
+            msg = (f"epoch {epoch + 1}/{cfg.epochs}: loss {row['total']:.4f}  train MAE {row['train_mae']:.2f}  "
+                   f"{row['images_per_sec']:.0f} img/s  {epoch_time:.1f} s")
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['total']:.3f}", mae=f"{row['train_mae']:.2f}", refresh=False)
+                bar.write(msg, file=sys.stderr)
+            else:
+                dist.print0(msg)
+    if bar is not None:
+        bar.close()
+    train_time = time.time() - t_start
+    del train_loader  # stop the loader's workers / pipeline before the evaluation starts its own
+
+    # -- the test fold: the final epoch's model, on the main process -------------------------------------
+    results = None
+    if master:
+        eval_loader = build_eval_loader(shards, test_ids, cfg.loader, device)
+        raw_model.eval()
+        preds = ev.predict(raw_model, eval_loader, ctx, min_age=min_age)
+        del eval_loader
+        m = ev.metrics(preds.expected, preds.ages, preds.identities, preds.features, preds.probs)
+        results = ev.write_fold_results(
+            run_dir, preds, m, protocol, fold, n_folds=n_folds,
+            extra={
+                "mean_age_baseline": baseline,
+                "n_train": int(len(train_ids)),
+                "epochs": cfg.epochs,
+                "steps": step,
+                "shards": str(cfg.data.shards),
+                "checkpoint": str(ckpt_path),
+                "train_time_s": train_time,
+                "world_size": world,
+                "config": to_dict(cfg),
+            },
+        )
+        print(f"{run_dir}: {protocol} fold {fold}: test MAE {m['mae']:.3f}  CS(5) {100 * m['cs5']:.1f}%  "
+              f"(mean-age baseline MAE {baseline:.3f}) on {m['n']} test images", flush=True)
+    # Every rank waits for the evaluation and gets its results.
+    return dist.broadcast_object(results)
+
+
+# --- Every fold of a protocol ----------------------------------------------------------------------
+
+
+def train_all_folds(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Run every fold of cfg.data.protocol in `<out>/fold-<k>/`, then aggregate them.
+
+    A fold whose results.json exists is skipped, so the command can simply be run again after a
+    kill (with --resume, the interrupted fold continues from its checkpoint). Returns the
+    `agecl.evaluate.aggregate` summary (pooled MAE for LOPO, mean +- std over folds otherwise).
+    """
+    shards = ShardSet(cfg.data.shards)
+    parent = resolve(cfg, shards, fold_dir=True)
+    n_folds = int(shards.split(parent.data.protocol).max()) + 1
+    for k in range(n_folds):
+        fold_cfg = copy.deepcopy(parent)
+        fold_cfg.data.fold = k
+        fold_cfg.out = str(Path(parent.out) / f"fold-{k}")
+        fold_cfg.name = f"{parent.name}-fold{k}"
+        # The decision is rank 0's, so every rank takes the same path.
+        finished = dist.broadcast_object((Path(fold_cfg.out) / RESULTS_FILE).is_file())
+        if finished:
+            dist.print0(f"{fold_cfg.out}: fold {k} finished already ({RESULTS_FILE} present); skipped")
+            continue
+        train(fold_cfg, resume=resume, quiet=quiet)
+    summary = None
+    if dist.is_main():
+        summary = ev.aggregate(parent.out, parent.data.protocol, n_folds=n_folds)
+        print(ev.report_markdown(summary, title=parent.name))
+    return dist.broadcast_object(summary)
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`agecl-train`: parse, build the config, run one fold or all of them."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.all_folds:
+            train_all_folds(cfg, resume=args.resume, quiet=args.quiet)
+        else:
+            train(cfg, resume=args.resume, quiet=args.quiet)
+    except (TrainError, CheckpointError, PretrainedError, fmt.FormatError, ValueError, KeyError) as e:
+        # Bad input (an unknown key, a foreign checkpoint, a bad shard set): the message, no traceback.
+        print(f"agecl-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("agecl-train: interrupted; the last finished epoch is in checkpoint.pt: run the same command "
+              "with --resume to continue", file=sys.stderr)
+        return 130
+    finally:
+        dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

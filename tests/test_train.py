@@ -1,0 +1,252 @@
+"""The training loop through real files: a tiny synthetic shard set (built once for the module),
+ResNet-18 at 32 px, the torch loader without workers (deterministic and cheap), one thread.
+
+Covers: a short run lowers the loss and writes config.json, metrics.jsonl, checkpoint.pt,
+results.json, predictions.npz; killed and resumed equals uninterrupted (exactly, CPU fp32); a
+checkpoint of another configuration is refused; an unknown --set key is an error; the command line
+end to end with a real SIGKILL; every fold of a protocol with skip-on-rerun; the demo's core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agecl import demo
+from agecl.build import main as build_main
+from agecl.checkpoint import CheckpointError, load_checkpoint
+from agecl.config import TrainConfig
+from agecl.train import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESULTS_FILE,
+    TrainError,
+    config_from_args,
+    get_args_parser,
+    main,
+    train,
+    train_all_folds,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCH_KEYS = {"kind", "epoch", "step", "total", "ce", "mean", "variance", "cosine", "train_mae", "lr", "images_per_sec",
+              "epoch_time_s", "fallback_count", "anchors"}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The CI machine has 2 shared cores: one intra-op thread is faster there and keeps runs comparable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("shards") / "syn"
+    assert build_main(["--synthetic", "72", "--out", str(path), "--folds", "3", "--quiet"]) == 0
+    return str(path)
+
+
+def _cfg(shards: str, out: Path, **top) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.shards = shards
+    cfg.loader.loader, cfg.loader.workers = "torch", 0
+    cfg.loader.batch_size, cfg.loader.image_size = 8, 32
+    cfg.device, cfg.log_every, cfg.epochs, cfg.out = "cpu", 2, 2, str(out)
+    for k, v in top.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _cli(shards: str, out: Path, epochs: int = 2) -> list[str]:
+    """The command line of `_cfg(shards, out, epochs=epochs)`."""
+    return ["--shards", shards, "--epochs", str(epochs), "--image-size", "32", "--set", "loader.image_size=32",
+            "--batch-size", "8", "--device", "cpu", "--loader", "torch", "--workers", "0", "--log-every", "2",
+            "--out", str(out), "--quiet"]  # fmt: skip
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+
+
+def _assert_same_state(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory):
+    """Two epochs uninterrupted: the reference of the resume tests."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    t0 = time.time()
+    results = train(_cfg(shards, out), quiet=True)
+    return out, results, time.time() - t0
+
+
+def test_short_run_lowers_the_loss_and_writes_the_run_folder(straight):
+    out, results, _ = straight
+    for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, RESULTS_FILE, "predictions.npz"):
+        assert (out / name).is_file(), name
+    rows = _rows(out)
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and steps
+    assert EPOCH_KEYS <= set(epochs[0])
+    assert epochs[-1]["total"] < epochs[0]["total"], [r["total"] for r in epochs]
+    assert all(r["images_per_sec"] > 0 for r in rows)
+
+    on_disk = json.loads((out / RESULTS_FILE).read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for key in ("test_mae", "test_cs5", "protocol", "fold", "mae_by_age", "mean_age_baseline", "identity_feature_variance"):
+        assert key in results, key
+    assert results["protocol"] == "kfold" and results["fold"] == 0 and results["folds"] == 3
+    assert 0 <= results["test_cs5"] <= 1 and results["test_mae"] > 0
+
+    ckpt = load_checkpoint(out / CHECKPOINT_FILE)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == epochs[-1]["step"]
+    assert ckpt["config"] == json.loads((out / CONFIG_FILE).read_text())
+    assert ckpt["config"]["data"]["protocol"] == "kfold" and ckpt["config"]["model"]["input_size"] == 32
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def test_resumed_run_equals_uninterrupted(shards, straight, tmp_path):
+    ref = load_checkpoint(straight[0] / CHECKPOINT_FILE)
+    out = tmp_path / "resumed"
+    train(_cfg(shards, out, epochs=1), quiet=True)
+    assert load_checkpoint(out / CHECKPOINT_FILE)["epoch"] == 1
+    train(_cfg(shards, out, epochs=2), resume=True, quiet=True)
+    got = load_checkpoint(out / CHECKPOINT_FILE)
+    assert (got["epoch"], got["step"]) == (ref["epoch"], ref["step"])
+    _assert_same_state(got["model"], ref["model"])
+    _assert_same_state(got["optimizer"]["state"][0], ref["optimizer"]["state"][0])
+    rows = _rows(out)
+    keys = [(r["step"], r["kind"]) for r in rows]
+    assert keys == sorted(set(keys), key=lambda k: (k[0], k[1] == "epoch")), "each log line once, in order"
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_checkpoint_of_another_configuration_is_refused(shards, straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT_FILE).write_bytes((straight[0] / CHECKPOINT_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match=r"another configuration[\s\S]*model.input_size: checkpoint 32, now 16"):
+        cfg = _cfg(shards, run, epochs=3)
+        cfg.model.input_size = 16
+        train(cfg, resume=True, quiet=True)
+    assert main(_cli(shards, run, epochs=3) + ["--preset", "mv-triplet", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "loss.cosine" in err and "loss.triplet" in err
+    # Without --resume a run folder holding a checkpoint is not overwritten.
+    assert main(_cli(shards, run, epochs=3)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [CHECKPOINT_FILE], "nothing written by refused runs"
+
+
+def test_unknown_set_key_and_bad_values_are_errors(shards, tmp_path, capsys):
+    assert main(["--shards", shards, "--out", str(tmp_path / "x"), "--set", "loss.bogus=1"]) == 2
+    assert "unknown key 'loss.bogus'" in capsys.readouterr().err
+    assert main(["--shards", shards, "--out", str(tmp_path / "x"), "--set", "nosection.lr=1"]) == 2
+    assert main(["--shards", shards, "--out", str(tmp_path / "x"), "--set", "epochs=many"]) == 2
+    assert main(["--shards", shards, "--out", str(tmp_path / "x"), "--preset", "nope"]) == 2
+    assert "unknown loss preset" in capsys.readouterr().err
+    assert main(["--shards", str(tmp_path / "missing")]) == 2
+    assert "no such shard folder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_precedence_preset_then_flags_then_set():
+    args = get_args_parser().parse_args(
+        ["--shards", "s", "--preset", "paper-morph-ternary", "--flip", "horizontal", "--set", "loss.triplet=0.5",
+         "--seed", "7", "--no-compile", "--image-size", "64", "--batch-size", "16", "--set", "lr=0.01"]
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.preset == "paper-morph-ternary" and cfg.loss.cosine == 10.0  # from the preset
+    assert cfg.loss.triplet == 0.5  # --set beats the preset
+    assert cfg.loader.flip == "horizontal"  # a flag beats the preset's vertical flip
+    assert (cfg.seed, cfg.loader.seed, cfg.compile, cfg.model.input_size, cfg.loader.batch_size, cfg.lr) == (7, 7, "off", 64, 16, 0.01)
+    assert cfg.loader.image_size == 224  # the crop stays the paper's; the network input is resized
+    assert config_from_args(get_args_parser().parse_args(["--shards", "s", "--set", "preset=mv"])).loss.cosine == 0.0
+
+
+def test_command_line_killed_and_resumed(shards, straight, tmp_path):
+    """`python -m agecl.train` end to end: SIGKILL during epoch 2, refused without --resume,
+    finished with it, and the weights equal the uninterrupted run's."""
+    out = tmp_path / "cli"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "agecl.train", *_cli(shards, out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / CHECKPOINT_FILE).is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert load_checkpoint(out / CHECKPOINT_FILE)["epoch"] == 1
+    assert not (out / RESULTS_FILE).exists()
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "test MAE" in resumed.stdout and "resuming" in resumed.stdout
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert results["epochs"] == 2
+    got, ref = load_checkpoint(out / CHECKPOINT_FILE), load_checkpoint(straight[0] / CHECKPOINT_FILE)
+    _assert_same_state(got["model"], ref["model"], atol=1e-6)
+    assert [r["epoch"] for r in _rows(out) if r["kind"] == "epoch"] == [1, 2]
+    assert list(out.glob(".*.tmp")) == []
+
+
+def test_all_folds_then_rerun_skips_finished_folds(shards, tmp_path, capsys):
+    out = tmp_path / "all"
+    cfg = _cfg(shards, out, epochs=1)
+    cfg.data.protocol = "kfold"
+    summary = train_all_folds(cfg, quiet=True)
+    assert summary["complete"] and summary["folds_finished"] == [0, 1, 2] and summary["rule"] == "mean_over_folds"
+    for k in range(3):
+        r = json.loads((out / f"fold-{k}" / RESULTS_FILE).read_text())
+        assert r["fold"] == k and r["protocol"] == "kfold"
+    assert (out / RESULTS_FILE).is_file() and (out / "results.md").is_file()
+    stamp = (out / "fold-1" / RESULTS_FILE).stat().st_mtime_ns
+    capsys.readouterr()
+    train_all_folds(cfg, quiet=True)
+    assert capsys.readouterr().out.count("skipped") == 3
+    assert (out / "fold-1" / RESULTS_FILE).stat().st_mtime_ns == stamp
+
+
+def test_demo_core_on_a_tiny_set(tmp_path, capsys):
+    results = demo.run_demo(shards=str(tmp_path / "syn"), out=str(tmp_path / "demo"), samples=60, image_size=32,
+                            epochs=1, batch_size=8, device="cpu", loader="torch", workers=0, quiet=True)  # fmt: skip
+    text = capsys.readouterr().out
+    assert "test MAE" in text and "mean training age" in text
+    assert results["test_mae"] > 0 and results["mean_age_baseline"] > 0 and results["wall_time_s"] > 0
+    # Again: the shards are reused and the finished run is re-evaluated, not retrained.
+    demo.run_demo(shards=str(tmp_path / "syn"), out=str(tmp_path / "demo"), samples=60, image_size=32,
+                  epochs=1, batch_size=8, device="cpu", loader="torch", workers=0, quiet=True)  # fmt: skip
+    text = capsys.readouterr().out
+    assert "not rebuilding" in text and "resuming" in text
+
+
+def test_train_error_for_unknown_device_and_protocol(shards, tmp_path):
+    with pytest.raises(TrainError):
+        train(_cfg(shards, tmp_path / "d", device="tpu"), quiet=True)
+    cfg = _cfg(shards, tmp_path / "p")
+    cfg.data.protocol = "lopo"
+    with pytest.raises(Exception, match="no split 'lopo'"):
+        train(cfg, quiet=True)
