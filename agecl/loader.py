@@ -30,7 +30,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -237,15 +237,46 @@ class _LoaderBase:
 # DALI
 
 
-def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, side: int = fmt.IMAGE_SIZE):
+def augmentation_matrices(n: int, cfg: LoaderConfig, side: int, key: Sequence[int]) -> np.ndarray:
+    """(n, 2, 3) float32 source -> output maps of the training augmentation, one per image.
+
+    Composed about the face's centre c, right to left: flip (a -1 on one axis) and zoom, rotation,
+    then a shift by (translation - crop origin), so that ONE warp into an S x S output does the
+    slight affine, the flip and the random crop. Drawn with NumPy from `key` = (seed, rank, epoch,
+    step) rather than by DALI's random ops: those are seeded once per pipeline, and a run resumed
+    at epoch e must draw what the uninterrupted run drew.
+    """
+    rng = np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
+    s = cfg.image_size
+    zoom = rng.uniform(1 - cfg.scale, 1 + cfg.scale, n)  # (n,)
+    sx, sy = zoom, zoom.copy()
+    if cfg.flip != "none":
+        sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)  # -1: flipped
+        if cfg.flip == "horizontal":
+            sx = sx * sign
+        else:
+            sy = sy * sign
+    theta = np.deg2rad(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees, n))
+    cos, sin = np.cos(theta), np.sin(theta)
+    m = np.empty((n, 2, 3))
+    m[:, 0, 0], m[:, 0, 1] = cos * sx, -sin * sy  # rotation @ diag(sx, sy)
+    m[:, 1, 0], m[:, 1, 1] = sin * sx, cos * sy
+    shift = rng.uniform(-cfg.translate * side, cfg.translate * side, (n, 2))  # pixels
+    origin = rng.integers(0, side - s + 1, (n, 2))  # whole pixels: the crop's corner
+    c = np.full(2, side / 2)
+    m[:, :, 2] = c + shift - origin - m[:, :, :2] @ c
+    return m.astype(np.float32)
+
+
+def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None):
     """The DALI graph from encoded JPEGs to network input, as in NVIDIA's examples.
 
-    mode "train": decode, then ONE warp that does the whole geometry (slight random affine, the
-    random flip and the random crop, straight into an S x S output, so the warp computes only the
-    pixels that are kept), then `crop_mirror_normalize` to normalised float32 NCHW.
+    mode "train": decode, then ONE warp by `matrices` (see `augmentation_matrices`) straight into
+    an S x S output, so the warp computes only the pixels that are kept, then
+    `crop_mirror_normalize` to normalised float32 NCHW.
     mode "eval": decode, centre crop and normalise in one `crop_mirror_normalize`.
     mode "decode": decode only (the benchmark's decode figure), uint8 HWC.
-    Python `if`s choose the graph at build time; every per-sample draw is a DALI random op.
+    Python `if`s choose the graph at build time.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -263,54 +294,43 @@ def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, side: int = fmt.IMAG
     if mode == "eval":
         return fn.crop_mirror_normalize(images, crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5, **normalise)
 
-    # Source -> output map, composed right to left about the face's centre c:
-    # flip (a -1 on one axis), scale, rotation, then shift by (translation - crop origin).
-    c = [side / 2, side / 2]
-    zoom = _uniform(fn, 1 - cfg.scale, 1 + cfg.scale)  # scalar float
-    if cfg.flip == "none":
-        sx = sy = zoom
-    else:
-        sign = 1.0 - 2.0 * fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)  # -1: flipped
-        sx, sy = (zoom * sign, zoom) if cfg.flip == "horizontal" else (zoom, zoom * sign)
-    mt = fn.transforms.scale(scale=fn.stack(sx, sy), center=c)
-    mt = fn.transforms.rotation(mt, angle=_uniform(fn, -cfg.rotate_degrees, cfg.rotate_degrees), center=c)
-    shift = _uniform(fn, -cfg.translate * side, cfg.translate * side, shape=2)  # (2,) pixels
-    origin = fn.random.uniform(values=[float(v) for v in range(side - s + 1)], shape=2)  # (2,) whole pixels
-    mt = fn.transforms.translation(mt, offset=shift - origin)
     interp = types.INTERP_LINEAR if cfg.interpolation == "linear" else types.INTERP_NN
     # Float output: no rounding back to uint8 before normalising (and about a fifth cheaper on
     # DALI's CPU backend, where this warp is the costliest op of the graph).
     images = fn.warp_affine(
-        images, matrix=mt, size=(s, s), inverse_map=False, fill_value=0, interp_type=interp, dtype=types.FLOAT
+        images, matrix=matrices, size=(s, s), inverse_map=False, fill_value=0, interp_type=interp, dtype=types.FLOAT
     )  # (S, S, 3) float32, 0-255
     return fn.crop_mirror_normalize(images, **normalise)  # (3, S, S) float32
-
-
-def _uniform(fn, lo: float, hi: float, shape=None):
-    """Per-sample uniform draws in [lo, hi); a constant node when the range is empty (lo == hi),
-    which DALI's uniform refuses: an augmentation switched off keeps the same graph."""
-    if lo == hi:
-        return fn.random.uniform(values=[float(lo)], shape=shape)
-    return fn.random.uniform(range=(float(lo), float(hi)), shape=shape)
 
 
 class _Feed:
     """The external_source callback: batch `info.iteration` of the current epoch.
 
-    Returns (3b encoded JPEGs as zero-copy views into the shard maps, (3b,) int64 sample ids). The
-    batch list of an epoch stays alive until the pipeline has consumed it (`no_copy=True`).
+    Returns (3b encoded JPEGs as zero-copy views into the shard maps, (3b,) int64 sample ids) and,
+    when it augments, the (3b, 2, 3) float32 warp matrices of that batch. What it returns stays
+    referenced until the next epoch, since the pipeline reads it without a copy (`no_copy=True`).
     """
 
-    def __init__(self, shards: ShardSet):
-        self.shards = shards
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, augment: bool, seed: int, rank: int):
+        self.shards, self.cfg, self.augment, self.seed, self.rank = shards, cfg, augment, seed, rank
+        self.side = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE))
         self.batches: list[np.ndarray] = []
+        self.epoch = 0
+        self.matrices: dict[int, np.ndarray] = {}
         self.limit = 0  # batches of this epoch DALI may still ask for: 0 makes the next call end the epoch
+
+    def start(self, epoch: int, batches: list[np.ndarray]) -> None:
+        self.epoch, self.batches, self.limit, self.matrices = epoch, batches, len(batches), {}
 
     def __call__(self, info):
         if info.iteration >= min(self.limit, len(self.batches)):
             raise StopIteration
         ids = self.batches[info.iteration]
-        return self.shards.jpegs(ids), ids
+        if not self.augment:
+            return self.shards.jpegs(ids), ids
+        key = (self.seed, self.rank, self.epoch, info.iteration)
+        m = self.matrices[info.iteration] = augmentation_matrices(len(ids), self.cfg, self.side, key)
+        return self.shards.jpegs(ids), ids, m
 
 
 class _DaliRunner:
@@ -322,14 +342,14 @@ class _DaliRunner:
     failed is rebuilt, so no epoch boundary leaves the pipeline in a broken state.
     """
 
-    def __init__(self, shards: ShardSet, cfg: LoaderConfig, device: torch.device, max_batch: int, mode: str, seed: int):
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, device: torch.device, max_batch: int, mode: str, rank: int = 0):
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
             raise ImportError("loader 'dali' needs nvidia-dali-cuda130 (or use loader=torch)") from e
         self.shards, self.cfg, self.device, self.mode = shards, cfg, device, mode
-        self.max_batch, self.seed = max_batch, seed
-        self.feed = _Feed(shards)
+        self.max_batch = max_batch
+        self.feed = _Feed(shards, cfg, augment=mode == "train", seed=cfg.seed, rank=rank)
         self.pipe = None
         self.open = False  # an epoch has started and not been drained
         self.token = 0  # the epoch a running generator belongs to
@@ -346,19 +366,19 @@ class _DaliRunner:
             num_threads=max(1, self.cfg.workers),
             device_id=self.device.index if gpu else None,  # None: DALI's CPU backend
             prefetch_queue_depth=self.cfg.prefetch,
-            seed=self.seed,
             exec_dynamic=True,  # outputs are owned by the consumer: DLPack hand-off without a copy
         )
         def graph():
-            jpegs, ids = fn.external_source(
+            outputs = fn.external_source(
                 source=self.feed,
-                num_outputs=2,
+                num_outputs=3 if self.feed.augment else 2,
                 batch=True,
                 batch_info=True,
-                no_copy=True,  # views into the read-only shard maps, which outlive the pipeline
-                dtype=[types.UINT8, types.INT64],
+                no_copy=True,  # views into the read-only shard maps, and arrays the feed keeps
+                dtype=[types.UINT8, types.INT64, types.FLOAT][: 3 if self.feed.augment else 2],
             )
-            images = process(jpegs, self.cfg, self.mode, gpu, int(self.shards.manifest.get("image_size", fmt.IMAGE_SIZE)))
+            jpegs, ids = outputs[0], outputs[1]
+            images = process(jpegs, self.cfg, self.mode, gpu, outputs[2] if self.feed.augment else None)
             return images, (ids.gpu() if gpu else ids)
 
         pipe = graph()
@@ -376,13 +396,13 @@ class _DaliRunner:
                 self.pipe.reset()
         self.open = False
 
-    def epoch(self, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Start an epoch over `batches` (lists of sample ids); returns the generator of
+    def epoch(self, batches: list[np.ndarray], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Start epoch `epoch` over `batches` (lists of sample ids); returns the generator of
         (images, ids) torch tensors on the device."""
         self._drain()
         if self.pipe is None:
             self.pipe = self._build()
-        self.feed.batches, self.feed.limit = batches, len(batches)
+        self.feed.start(epoch, batches)
         self.token += 1
         return self._run(self.token, batches)
 
@@ -443,28 +463,23 @@ def _first_line(e: Exception) -> str:
     return next((line for line in lines if "rror" in line and "Critical" not in line), lines[0] if lines else repr(e))
 
 
-def _dali_seed(seed: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
 class DaliTrainLoader(_LoaderBase):
     """Triplet batches from a DALI pipeline fed in the sampler's order (see `build_train_loader`).
 
-    Augmentation draws come from DALI's random ops seeded by (cfg.seed, rank): the same loader
-    run from epoch 0 gives the same images; a run resumed at epoch e gets the same triplets but
-    fresh augmentation draws.
+    Augmentation draws are a pure function of (cfg.seed, rank, epoch, step) (see
+    `augmentation_matrices`): a run resumed at epoch e sees the images the uninterrupted run saw.
     """
 
     def __init__(self, shards, ids, cfg, device="cpu", rank=0, world_size=1, drop_last=False, stage="train"):
         self.shards, self.cfg, self.device = shards, cfg, _device(device)
         self._epochs = _TrainEpochs(shards, ids, cfg, rank, world_size, drop_last)
         self._labels = _Labels(shards, self.device)
-        self._runner = _DaliRunner(shards, cfg, self.device, 3 * cfg.batch_size, stage, _dali_seed(cfg.seed, rank))
+        self._runner = _DaliRunner(shards, cfg, self.device, 3 * cfg.batch_size, stage, rank)
         self._epoch = 0
 
     def epoch(self, epoch: int) -> Iterator[TripletBatch]:
         """Draw epoch `epoch`'s triplets (now: `fallback_count` is set) and return its batches."""
-        outputs = self._runner.epoch(self._epochs.batches(epoch))
+        outputs = self._runner.epoch(self._epochs.batches(epoch), epoch)
         return (self._triplet_batch(images, ids) for images, ids in outputs)
 
 
@@ -478,7 +493,7 @@ class DaliEvalLoader:
         self.ids = ids[lo:hi]
         self._batches = [self.ids[i : i + batch_size] for i in range(0, len(self.ids), batch_size)]
         self._labels = _Labels(shards, self.device)
-        self._runner = _DaliRunner(shards, cfg, self.device, batch_size, "eval", _dali_seed(cfg.seed, rank))
+        self._runner = _DaliRunner(shards, cfg, self.device, batch_size, "eval", rank)
 
     def __len__(self) -> int:
         return len(self._batches)

@@ -22,11 +22,10 @@ results.json is skipped when the command runs again) and aggregates them (agecl.
 LOPO folds are tiny (one FG-NET person each); on a GPU several could run at once, one process
 each (e.g. `--fold K` per process), then `agecl-eval --aggregate`: not automated here.
 
-Exact resume: the triplets of epoch e are a pure function of (seed, e) (agecl.sampler) and the
-torch loader seeds each batch's augmentation from (seed, rank, epoch, step), so a run killed and
-resumed with `--loader torch` computes the same weights as an uninterrupted one (CPU, fp32). The
-DALI loader seeds its random ops once per pipeline: after a resume the triplets are the same but
-the augmentation draws differ (a warning says so).
+Exact resume: the triplets of epoch e are a pure function of (seed, e) (agecl.sampler) and both
+loaders draw each batch's augmentation from (seed, rank, epoch, step), so a run killed and resumed
+computes the same weights as an uninterrupted one (CPU, fp32; on a GPU up to the nondeterminism
+of its kernels).
 """
 
 from __future__ import annotations
@@ -355,11 +354,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         set_rng_state(ckpt["rng"])
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
         dist.print0(f"resuming {ckpt_path} after epoch {start_epoch} (step {step})")
-        if cfg.loader.loader == "dali" and start_epoch < cfg.epochs:
-            dist.print0(
-                "note: the DALI loader seeds its augmentation once per pipeline; after a resume the triplets "
-                "are the same as in an uninterrupted run, the augmentation draws are not (--loader torch is exact)"
-            )
         del ckpt
     if master:
         dist.print0(describe(cfg))

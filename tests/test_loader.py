@@ -143,6 +143,12 @@ def test_same_seed_same_batches_other_epoch_other_order(shards, kind):
     other = [b.ids.clone() for b in loader]  # set_epoch + iter, as a DDP trainer calls it
     assert not torch.equal(other[0], first[0].ids)
     assert sorted(torch.cat([o[: len(o) // 3] for o in other]).tolist()) == sorted(ids)
+    # a fresh loader starting at epoch 1 (a resumed run) sees what the uninterrupted one saw
+    resumed = _epoch(build_train_loader(shards, ids, cfg), 1)
+    uninterrupted = build_train_loader(shards, ids, cfg)
+    _epoch(uninterrupted, 0)
+    for x, y in zip(resumed, _epoch(uninterrupted, 1)):
+        assert torch.equal(x.ids, y.ids) and torch.equal(x.images, y.images)
     # and a reseeded loader draws another order
     reseeded = _epoch(build_train_loader(shards, ids, _cfg(kind, batch_size=20, seed=4)), 0)
     assert not torch.equal(reseeded[0].ids, first[0].ids)

@@ -250,3 +250,20 @@ def test_train_error_for_unknown_device_and_protocol(shards, tmp_path):
     cfg.data.protocol = "lopo"
     with pytest.raises(Exception, match="no split 'lopo'"):
         train(cfg, quiet=True)
+
+
+def test_resume_is_exact_with_the_dali_loader(shards, tmp_path):
+    """The default loader too: its augmentation is drawn per (seed, rank, epoch, step), so one
+    epoch + resume gives the weights of two straight epochs (DALI's CPU backend, fp32)."""
+
+    def dali(out, epochs):
+        cfg = _cfg(shards, out, epochs=epochs)
+        cfg.loader.loader, cfg.loader.workers = "dali", 1
+        return cfg
+
+    train(dali(tmp_path / "straight", 2), quiet=True)
+    train(dali(tmp_path / "resumed", 1), quiet=True)
+    train(dali(tmp_path / "resumed", 2), resume=True, quiet=True)
+    ref, got = (load_checkpoint(tmp_path / name / CHECKPOINT_FILE) for name in ("straight", "resumed"))
+    assert got["step"] == ref["step"]
+    _assert_same_state(got["model"], ref["model"])
