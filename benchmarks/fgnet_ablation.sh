@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The paper's Table 6 rows on FG-NET (MV, MV + cosine, MV + triplet, MV + cosine + triplet), every
+# fold of a protocol, from random initialisation, then one aggregated table per row.
+#
+#   bash benchmarks/fgnet_ablation.sh SHARDS [PROTOCOL] [EPOCHS] [IMAGE_SIZE] [extra agecl-train flags...]
+#
+# Defaults are the paper's protocol and schedule (lopo, 100 epochs, 224 px). On a 2-core CPU we ran
+# a reduced version (kfold, 10 epochs, 64 px, bf16): see benchmarks/RESULTS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shards=${1:?usage: fgnet_ablation.sh SHARDS [PROTOCOL] [EPOCHS] [IMAGE_SIZE] [flags...]}
+protocol=${2:-lopo}
+epochs=${3:-100}
+size=${4:-224}
+shift $(( $# < 4 ? $# : 4 ))
+PY=${PY:-.venv/bin/python}
+name=$(basename "$shards")
+for preset in mv paper-fgnet-binary mv-triplet paper-fgnet-ternary; do
+  # The paper flips vertically in every row; so do all four rows here (a flag after "$@" would win).
+  $PY -m agecl.train --shards "$shards" --protocol "$protocol" --all-folds --preset "$preset" \
+    --flip vertical --epochs "$epochs" --image-size "$size" --out "runs/$name-$protocol-$preset" --quiet "$@"
+done
+for preset in mv paper-fgnet-binary mv-triplet paper-fgnet-ternary; do
+  echo "== $preset"
+  $PY - "runs/$name-$protocol-$preset/results.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(json.dumps({k: r[k] for k in r if not isinstance(r[k], (list, dict)) or k in ("mae", "cs5")}, default=str)[:600])
+PY
+done
