@@ -35,7 +35,7 @@ from torch import nn
 from agecl import __version__
 from agecl.atomic import atomic_path
 from agecl.config import to_dict
-from agecl.model import AgeModel, strip_prefixes
+from agecl.model import AgeModel, strip_prefixes, unwrap
 
 FORMAT = "agecl-checkpoint"
 VERSION = 1
@@ -111,14 +111,7 @@ def _plain(obj: Any, where: str) -> Any:
 def model_state(model: nn.Module | Mapping) -> dict[str, torch.Tensor]:
     """The plain module's state_dict: unwraps torch.compile (`_orig_mod`) and DDP (`module`)."""
     if isinstance(model, nn.Module):
-        while True:
-            if hasattr(model, "_orig_mod"):
-                model = model._orig_mod
-            elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-                model = model.module
-            else:
-                break
-        model = model.state_dict()
+        model = unwrap(model).state_dict()
     return strip_prefixes(dict(model))
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from agecl import format as fmt
 from agecl.atomic import atomic_path, write_bytes, write_json, write_text
+from agecl.model import unwrap
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.npz"
@@ -73,17 +74,6 @@ class Predictions:
         return len(self.ids)
 
 
-def _plain_model(model: nn.Module) -> nn.Module:
-    """The module under torch.compile (`_orig_mod`) and DDP / DataParallel (`module`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def predict(
     model: nn.Module,
     eval_loader: Iterable,
@@ -102,7 +92,7 @@ def predict(
     and come to the host once, at the end. The model is put in eval mode and its previous mode
     restored. `keep_features=False` drops `features` and `probs` (no identity invariance then).
     """
-    plain = _plain_model(model)
+    plain = unwrap(model)
     if min_age is None:
         if not hasattr(plain, "min_age"):
             raise ValueError(f"{type(plain).__name__} has no min_age attribute: pass predict(..., min_age=...)")

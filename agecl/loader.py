@@ -211,8 +211,24 @@ class _Labels:
         return rows[0], rows[1]
 
 
-class _LoaderBase:
-    """What both training loaders share: epochs, steps, fallback count, set_epoch/iter."""
+class _TrainLoader:
+    """A training loader: the sampler's epochs, laid out in batches, run through a runner (DALI or
+    torch DataLoader) that turns sample ids into images. Subclasses choose the runner."""
+
+    def __init__(self, shards, ids, cfg, device="cpu", rank=0, world_size=1, drop_last=False, stage="train"):
+        self.shards, self.cfg, self.device = shards, cfg, _device(device)
+        self._epochs = _TrainEpochs(shards, ids, cfg, rank, world_size, drop_last)
+        self._labels = _Labels(shards, self.device)
+        self._runner = self._make_runner(stage, rank)
+        self._epoch = 0
+
+    def _make_runner(self, stage: str, rank: int):
+        raise NotImplementedError
+
+    def epoch(self, epoch: int) -> Iterator[TripletBatch]:
+        """Draw epoch `epoch`'s triplets (now: `fallback_count` is set) and return its batches."""
+        outputs = self._runner.epoch(epoch, self._epochs.batches(epoch))
+        return (self._triplet_batch(images, ids) for images, ids in outputs)
 
     def __len__(self) -> int:
         return self._epochs.steps
@@ -231,6 +247,32 @@ class _LoaderBase:
     def _triplet_batch(self, images: torch.Tensor, ids: torch.Tensor) -> TripletBatch:
         ages, identities = self._labels(ids)
         return TripletBatch(images, ages, identities, ids, int(ids.shape[0]) // 3)
+
+
+class _EvalLoader:
+    """Evaluation batches: this rank's share of `ids`, in order, centre-cropped, the last partial
+    batch kept; iterable again and again. Subclasses choose the runner."""
+
+    def __init__(self, shards, ids, cfg, device="cpu", batch_size=192, rank=0, world_size=1):
+        self.shards, self.cfg, self.device = shards, cfg, _device(device)
+        ids = _check_ids(shards, ids)
+        lo, hi = rank_slice(len(ids), rank, world_size)
+        self.ids = ids[lo:hi]
+        self.batch_size = batch_size
+        self._batches = [self.ids[i : i + batch_size] for i in range(0, len(self.ids), batch_size)]
+        self._labels = _Labels(shards, self.device)
+        self._runner = self._make_runner(rank)
+
+    def _make_runner(self, rank: int):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        for images, ids in self._runner.epoch(0, self._batches):
+            ages, identities = self._labels(ids)
+            yield EvalBatch(images, ages, identities, ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +438,7 @@ class _DaliRunner:
                 self.pipe.reset()
         self.open = False
 
-    def epoch(self, batches: list[np.ndarray], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Start epoch `epoch` over `batches` (lists of sample ids); returns the generator of
         (images, ids) torch tensors on the device."""
         self._drain()
@@ -463,45 +505,22 @@ def _first_line(e: Exception) -> str:
     return next((line for line in lines if "rror" in line and "Critical" not in line), lines[0] if lines else repr(e))
 
 
-class DaliTrainLoader(_LoaderBase):
+class DaliTrainLoader(_TrainLoader):
     """Triplet batches from a DALI pipeline fed in the sampler's order (see `build_train_loader`).
 
     Augmentation draws are a pure function of (cfg.seed, rank, epoch, step) (see
     `augmentation_matrices`): a run resumed at epoch e sees the images the uninterrupted run saw.
     """
 
-    def __init__(self, shards, ids, cfg, device="cpu", rank=0, world_size=1, drop_last=False, stage="train"):
-        self.shards, self.cfg, self.device = shards, cfg, _device(device)
-        self._epochs = _TrainEpochs(shards, ids, cfg, rank, world_size, drop_last)
-        self._labels = _Labels(shards, self.device)
-        self._runner = _DaliRunner(shards, cfg, self.device, 3 * cfg.batch_size, stage, rank)
-        self._epoch = 0
-
-    def epoch(self, epoch: int) -> Iterator[TripletBatch]:
-        """Draw epoch `epoch`'s triplets (now: `fallback_count` is set) and return its batches."""
-        outputs = self._runner.epoch(self._epochs.batches(epoch), epoch)
-        return (self._triplet_batch(images, ids) for images, ids in outputs)
+    def _make_runner(self, stage: str, rank: int):
+        return _DaliRunner(self.shards, self.cfg, self.device, 3 * self.cfg.batch_size, stage, rank)
 
 
-class DaliEvalLoader:
+class DaliEvalLoader(_EvalLoader):
     """Evaluation batches from a DALI pipeline: centre crop, in order (see `build_eval_loader`)."""
 
-    def __init__(self, shards, ids, cfg, device="cpu", batch_size=192, rank=0, world_size=1):
-        self.shards, self.cfg, self.device = shards, cfg, _device(device)
-        ids = _check_ids(shards, ids)
-        lo, hi = rank_slice(len(ids), rank, world_size)
-        self.ids = ids[lo:hi]
-        self._batches = [self.ids[i : i + batch_size] for i in range(0, len(self.ids), batch_size)]
-        self._labels = _Labels(shards, self.device)
-        self._runner = _DaliRunner(shards, cfg, self.device, batch_size, "eval", rank)
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def __iter__(self) -> Iterator[EvalBatch]:
-        for images, ids in self._runner.epoch(self._batches):
-            ages, identities = self._labels(ids)
-            yield EvalBatch(images, ages, identities, ids)
+    def _make_runner(self, rank: int):
+        return _DaliRunner(self.shards, self.cfg, self.device, self.batch_size, "eval", rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -619,38 +638,15 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)  # one core a worker: the workers are the parallelism
 
 
-class TorchTrainLoader(_LoaderBase):
+class TorchTrainLoader(_TrainLoader):
     """Triplet batches from a torch DataLoader: the baseline with the same interface."""
 
-    def __init__(self, shards, ids, cfg, device="cpu", rank=0, world_size=1, drop_last=False, stage="train"):
-        self.shards, self.cfg, self.device = shards, cfg, _device(device)
-        self._epochs = _TrainEpochs(shards, ids, cfg, rank, world_size, drop_last)
-        self._labels = _Labels(shards, self.device)
-        self._runner = _TorchRunner(shards, cfg, self.device, stage, rank)
-        self._epoch = 0
-
-    def epoch(self, epoch: int) -> Iterator[TripletBatch]:
-        """Draw epoch `epoch`'s triplets (now: `fallback_count` is set) and return its batches."""
-        outputs = self._runner.epoch(epoch, self._epochs.batches(epoch))
-        return (self._triplet_batch(images, ids) for images, ids in outputs)
+    def _make_runner(self, stage: str, rank: int):
+        return _TorchRunner(self.shards, self.cfg, self.device, stage, rank)
 
 
-class TorchEvalLoader:
+class TorchEvalLoader(_EvalLoader):
     """Evaluation batches from a torch DataLoader: centre crop, in order."""
 
-    def __init__(self, shards, ids, cfg, device="cpu", batch_size=192, rank=0, world_size=1):
-        self.shards, self.cfg, self.device = shards, cfg, _device(device)
-        ids = _check_ids(shards, ids)
-        lo, hi = rank_slice(len(ids), rank, world_size)
-        self.ids = ids[lo:hi]
-        self._batches = [self.ids[i : i + batch_size] for i in range(0, len(self.ids), batch_size)]
-        self._labels = _Labels(shards, self.device)
-        self._runner = _TorchRunner(shards, cfg, self.device, "eval", rank)
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def __iter__(self) -> Iterator[EvalBatch]:
-        for images, ids in self._runner.epoch(0, self._batches):
-            ages, identities = self._labels(ids)
-            yield EvalBatch(images, ages, identities, ids)
+    def _make_runner(self, rank: int):
+        return _TorchRunner(self.shards, self.cfg, self.device, "eval", rank)

@@ -98,6 +98,17 @@ def build_model(cfg, min_age: int, max_age: int) -> AgeModel:
     return AgeModel(min_age, max_age, arch=mcfg.arch, pretrained=mcfg.pretrained, input_size=mcfg.input_size)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile (`_orig_mod`) and DDP / DataParallel (`module`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def strip_prefixes(state: dict) -> dict:
     """Remove the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes from state_dict keys."""
     out = {}
