@@ -21,10 +21,11 @@ for preset in mv paper-fgnet-binary mv-triplet paper-fgnet-ternary; do
     --flip vertical --epochs "$epochs" --image-size "$size" --out "runs/$name-$protocol-$preset" --quiet "$@"
 done
 for preset in mv paper-fgnet-binary mv-triplet paper-fgnet-ternary; do
-  echo "== $preset"
-  $PY - "runs/$name-$protocol-$preset/results.json" <<'PY'
+  $PY - "$preset" "runs/$name-$protocol-$preset/results.json" <<'PY'
 import json, sys
-r = json.load(open(sys.argv[1]))
-print(json.dumps({k: r[k] for k in r if not isinstance(r[k], (list, dict)) or k in ("mae", "cs5")}, default=str)[:600])
+r = json.load(open(sys.argv[2]))
+p = r["pooled"]
+print(f"{sys.argv[1]:22s} MAE {r['test_mae']:.2f} +- {r.get('test_mae_std') or 0:.2f} (pooled {p['mae']:.2f})  "
+      f"CS(5) {100 * p['cs5']:.1f}%  baseline {r['mean_age_baseline']:.2f}  {r['status']}")
 PY
 done
