@@ -166,23 +166,31 @@ def _finish(dataset: str, root: Path, records: list[Record], rejects: list[dict]
 _FGNET = re.compile(r"^(?P<person>\d+)a(?P<age>\d+)(?P<extra>[a-z]?)$", re.IGNORECASE)
 
 
-def read_fgnet(root: Path | str) -> Inputs:
-    """FG-NET: files NNNAxx.JPG (person NNN, age xx) or NNNAxxa.JPG (a second photo at that age),
-    any case. The identity is the person number as written ('001')."""
+def _read_named(dataset: str, root: Path | str, pattern: re.Pattern, naming: str, identity, **kw) -> Inputs:
+    """The photos of a folder whose file names carry the labels: `pattern` must match the name up to
+    its first dot and capture `age`; `identity(source, stem, match)` names the person."""
     root = Path(root)
     sources, ignored = list_photos(root)
     records, rejects = [], []
     for source in sources:
         stem = PurePosixPath(source).name.split(".")[0]
-        m = _FGNET.match(stem)
+        m = pattern.match(stem)
         age = _parse_age(m["age"]) if m else None
         if m is None:
-            rejects.append(_reject(source, BAD_NAME, "file name is not FG-NET's NNNAxx[letter] (person NNN, age xx)"))
+            rejects.append(_reject(source, BAD_NAME, f"file name is not {naming}"))
         elif age is None:
             rejects.append(_reject(source, BAD_AGE, f"age {m['age']!r} is out of range 0-{MAX_AGE}"))
         else:
-            records.append(Record(str(root / source), source, age, m["person"]))
-    return _finish("fgnet", root, records, rejects, ignored=ignored)
+            records.append(Record(str(root / source), source, age, identity(source, stem, m)))
+    return _finish(dataset, root, records, rejects, ignored=ignored, **kw)
+
+
+def read_fgnet(root: Path | str) -> Inputs:
+    """FG-NET: files NNNAxx.JPG (person NNN, age xx) or NNNAxxa.JPG (a second photo at that age),
+    any case. The identity is the person number as written ('001')."""
+    return _read_named(
+        "fgnet", root, _FGNET, "FG-NET's NNNAxx[letter] (person NNN, age xx)", lambda source, stem, m: m["person"]
+    )
 
 
 # UTKFace: [age]_[gender]_[race]_[date&time].jpg(.chip.jpg). A few files of the release lack the
@@ -194,21 +202,13 @@ def read_utkface(root: Path | str) -> Inputs:
     """UTKFace: files age_gender_race_date.jpg[.chip.jpg]. No identity is known: each photo is its
     own identity (its source up to the first dot of the file name, e.g.
     'part1/25_0_1_20170116174525125'), so subject-exclusive splits are image-level."""
-    root = Path(root)
-    sources, ignored = list_photos(root)
-    records, rejects = [], []
-    for source in sources:
-        stem = PurePosixPath(source).name.split(".")[0]
-        m = _UTK.match(stem)
-        age = _parse_age(m["age"]) if m else None
-        if m is None:
-            rejects.append(_reject(source, BAD_NAME, "file name is not UTKFace's age_gender_race_date.jpg"))
-        elif age is None:
-            rejects.append(_reject(source, BAD_AGE, f"age {m['age']!r} is out of range 0-{MAX_AGE}"))
-        else:
-            identity = str(PurePosixPath(source).parent / stem).removeprefix("./")
-            records.append(Record(str(root / source), source, age, identity))
-    return _finish("utkface", root, records, rejects, ignored=ignored, identity_note=UTKFACE_IDENTITY_NOTE)
+
+    def own_identity(source: str, stem: str, m) -> str:
+        return str(PurePosixPath(source).parent / stem).removeprefix("./")
+
+    return _read_named(
+        "utkface", root, _UTK, "UTKFace's age_gender_race_date.jpg", own_identity, identity_note=UTKFACE_IDENTITY_NOTE
+    )
 
 
 # --- CSV label files ----------------------------------------------------------------------------
