@@ -41,7 +41,7 @@ def demo_config(
     workers: int = 2,
 ) -> TrainConfig:
     """The demo's TrainConfig: the paper's model and loss (default weights, Adam lr 0.001), at a
-    small input size, few epochs. The loader crops the paper's 224 and the trainer resizes the
+    small input size, few epochs. The loader crops the paper's 224 and the model resizes the
     crop to `image_size`."""
     cfg = TrainConfig()
     cfg.data.shards = shards
