@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import commit  # noqa: E402
 from agecl.align import (  # noqa: E402
     AlignedFace,
     FaceDetector,
@@ -87,18 +87,6 @@ def summary(values: list[float]) -> dict:
         "p90": round(float(np.percentile(v, 90)), 4),
         "share_over_0.1": round(float((v > 0.1).mean()), 4),
     }
-
-
-def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        def git(*args):
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-
-        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "agecl", "benchmarks")
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def main(argv=None) -> dict:

@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import commit, cpu_name  # noqa: E402
 import torch  # noqa: E402
 
 from agecl import format as fmt  # noqa: E402
@@ -88,16 +88,6 @@ def synthetic_shards(out: Path, n: int, seed: int = 0) -> str:
     return kind
 
 
-def _commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, cwd=root)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10, cwd=root)
-        return (head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _versions() -> dict:
     import torchvision
 
@@ -114,16 +104,6 @@ def _versions() -> dict:
         "numpy": np.__version__,
         "python": platform.python_version(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _children(pid: int) -> list[int]:
@@ -248,7 +228,7 @@ def main(argv=None):
 
         common = {
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "batch_size": args.batch_size,
             "workers": args.workers,
             "image_size": args.image_size,
@@ -263,7 +243,7 @@ def main(argv=None):
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "loadavg_1m": [round(load_before[0], 2), round(load_after[0], 2)],
-            "commit": _commit(),
+            "commit": commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         best = {(m.cfg.loader, m.stage): statistics.median(m.rounds) for m in pipelines}

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+from provenance import commit, cpu_name  # noqa: E402
 from agecl.sampler import TripletSampler  # noqa: E402
 
 
@@ -63,26 +63,6 @@ def _time(draw, epochs: int, reps: int) -> tuple[float, float]:
     return warmup, statistics.median(rounds)
 
 
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_name() -> str:
-    name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=55_134, help="MORPH-like case: samples (MORPH II: 55,134)")
@@ -102,13 +82,13 @@ def main(argv=None):
         "numpy": np.__version__,
         "python": platform.python_version(),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "processor": platform.processor(),
             "arch": platform.machine(),
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         },
-        "commit": _commit(),
+        "commit": commit(),
         "config": vars(args),
     }
     rng = np.random.default_rng(args.seed)

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import commit  # noqa: E402
 import torch  # noqa: E402
 
 from agecl.config import LoaderConfig, LossConfig  # noqa: E402
@@ -56,16 +56,6 @@ def default_variants(device: torch.device, cpu_bf16: bool) -> list[str]:
         return [f"{m}-{p}-synthetic" for m in MODES for p in PRECISIONS] + ["compiled-bf16-dali", "compiled-bf16-torch"]
     out = ["eager-fp32-synthetic", "compiled-fp32-synthetic", "eager-fp32-dali", "eager-fp32-torch"]
     return out + (["eager-bf16-synthetic"] if cpu_bf16 else [])
-
-
-def _commit() -> str | None:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _versions() -> dict:
@@ -210,7 +200,7 @@ def main(argv=None) -> int:
         "warmup": args.warmup,
         "shards": args.shards or f"synthetic {args.samples} (temporary)",
         "versions": _versions(),
-        "commit": _commit(),
+        "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
