@@ -31,7 +31,7 @@ class LoaderConfig:
     rotate_degrees: float = 5.0  # random affine: rotation range, +-degrees
     translate: float = 0.02  # random affine: shift range, fraction of the side
     scale: float = 0.05  # random affine: zoom range, 1 +- scale
-    interpolation: str = "linear"  # random affine resampling: "linear" | "nearest" (cheaper on CPU)
+    interpolation: str = "linear"  # random affine resampling: "linear" | "nearest"
     workers: int = 2  # DALI CPU threads / DataLoader worker processes
     prefetch: int = 2  # batches prepared ahead of the training step
     seed: int = 0

@@ -5,7 +5,8 @@ Two implementations behind one interface, chosen by `LoaderConfig.loader`:
 - "dali": NVIDIA DALI. The sampler's triplet order feeds `fn.external_source` in batch mode (one
   Python call a batch returns the 3B encoded JPEGs as zero-copy views into the shard maps); one
   processing function (`process`) decodes ("mixed": nvJPEG and the hardware decoder on a GPU;
-  "cpu": libjpeg-turbo on DALI's CPU backend, `device_id=None`) and augments with DALI ops only.
+  "cpu": libjpeg-turbo on DALI's CPU backend, `device_id=None`) and augments inside the DALI graph
+  (DALI's ops; on its CPU backend, the bilinear warp is a Numba op from `agecl.warp`).
   The pipeline is built once and reused for every epoch; outputs reach torch through DLPack
   without a copy.
 - "torch": the ordinary alternative we measure against and the fallback where DALI is missing: a
@@ -37,11 +38,10 @@ import torch
 
 from . import format as fmt
 from .config import LoaderConfig
+from .model import IMAGENET_MEAN, IMAGENET_STD  # the network's input contract
 from .reader import ShardSet
 from .sampler import TripletSampler, rank_slice
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on [0, 1] pixels
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LOADERS = ("dali", "torch")
 FLIPS = ("horizontal", "vertical", "none")
 INTERPOLATIONS = ("linear", "nearest")
@@ -315,7 +315,8 @@ def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None):
 
     mode "train": decode, then ONE warp by `matrices` (see `augmentation_matrices`) straight into
     an S x S output, so the warp computes only the pixels that are kept, then
-    `crop_mirror_normalize` to normalised float32 NCHW.
+    `crop_mirror_normalize` to normalised float32 NCHW. On DALI's CPU backend with bilinear
+    interpolation, `agecl.warp` does both in one compiled op instead.
     mode "eval": decode, centre crop and normalise in one `crop_mirror_normalize`.
     mode "decode": decode only (the benchmark's decode figure), uint8 HWC.
     Python `if`s choose the graph at build time.
@@ -336,9 +337,14 @@ def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None):
     if mode == "eval":
         return fn.crop_mirror_normalize(images, crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5, **normalise)
 
+    if not gpu and cfg.interpolation == "linear":
+        # DALI's own CPU warp is four times the decode's cost; agecl.warp does warp, normalise
+        # and transpose in one compiled pass, on the same matrices with the same convention.
+        from .warp import dali_warp_normalise
+
+        return dali_warp_normalise(images, matrices, s)  # (3, S, S) float32
     interp = types.INTERP_LINEAR if cfg.interpolation == "linear" else types.INTERP_NN
-    # Float output: no rounding back to uint8 before normalising (and about a fifth cheaper on
-    # DALI's CPU backend, where this warp is the costliest op of the graph).
+    # Float output: no rounding back to uint8 before normalising.
     images = fn.warp_affine(
         images, matrix=matrices, size=(s, s), inverse_map=False, fill_value=0, interp_type=interp, dtype=types.FLOAT
     )  # (S, S, 3) float32, 0-255

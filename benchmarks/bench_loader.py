@@ -18,9 +18,9 @@ DataLoader workers, from /proc), which other load on the machine barely changes.
 the same loader with the augmentation removed (decode and hand-off only).
 
 Finding on DALI's CPU backend (2.4): its warp_affine is a generic per-pixel sampler, about four
-times the cost of decoding the image with bilinear interpolation; nearest-neighbour (torchvision's
-own default for RandomAffine; --interpolation nearest, applied to both loaders) is the lever there.
-On a GPU the warp is cheap either way.
+times the cost of decoding the image with bilinear interpolation. The loader therefore runs the
+bilinear warp on that backend as a compiled Numba op (agecl.warp) inside the DALI graph; with
+--interpolation nearest it uses DALI's warp_affine (cheap in that mode), as on a GPU.
 """
 
 from __future__ import annotations
