@@ -2,6 +2,7 @@
 
     agecl-train --shards shards/morph                       # the paper's settings, one fold
     agecl-train --shards shards/morph --protocol se --all-folds
+    agecl-train --shards shards/fgnet --protocol lopo --all-folds --jobs 8
     torchrun --nproc_per_node 8 -m agecl.train --shards shards/morph
     agecl-train --shards shards/synthetic --image-size 64 --epochs 3 --device cpu --out runs/try
 
@@ -19,8 +20,8 @@ per epoch), checkpoint.pt (every epoch, atomic; `--resume` continues from the ne
 then results.json and predictions.npz (the final epoch's model on the test fold: nothing is
 selected on the test fold). `--all-folds` runs every fold in `runs/<name>/fold-<k>/` (a fold with
 results.json is skipped when the command runs again) and aggregates them (agecl.evaluate).
-LOPO folds are tiny (one FG-NET person each); on a GPU several could run at once, one process
-each (e.g. `--fold K` per process), then `agecl-eval --aggregate`: not automated here.
+LOPO folds are tiny (one FG-NET person each): `--all-folds --jobs N` trains N folds at once, one
+process each, so that a large GPU is kept busy.
 
 Exact resume: the triplets of epoch e are a pure function of (seed, e) (agecl.sampler) and both
 loaders draw each batch's augmentation from (seed, rank, epoch, step), so a run killed and resumed
@@ -88,6 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     folds = p.add_mutually_exclusive_group()
     folds.add_argument("--fold", type=int, help="test fold (default 0); training uses every other fold")
     folds.add_argument("--all-folds", action="store_true", help="run every fold in turn (runs/<name>/fold-<k>/), then aggregate")
+    p.add_argument("--jobs", type=int, default=1, help="with --all-folds: folds trained at once, one process each "
+                   "(small folds such as LOPO's leave a GPU idle one at a time; default 1)")
     p.add_argument("--preset", help="loss preset of agecl.losses.PRESETS, e.g. paper-morph-ternary, mv (applied first)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="triplets a batch (3x as many images)")
@@ -501,16 +504,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
 # --- Every fold of a protocol ----------------------------------------------------------------------
 
 
-def train_all_folds(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+def train_all_folds(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, jobs: int = 1) -> dict:
     """Run every fold of cfg.data.protocol in `<out>/fold-<k>/`, then aggregate them.
 
     A fold whose results.json exists is skipped, so the command can simply be run again after a
-    kill (with --resume, the interrupted fold continues from its checkpoint). Returns the
+    kill (with --resume, the interrupted fold continues from its checkpoint). `jobs` > 1 trains
+    that many folds at once, each in its own process (`_train_folds_at_once`). Returns the
     `agecl.evaluate.aggregate` summary (pooled MAE for LOPO, mean +- std over folds otherwise).
     """
     shards = ShardSet(cfg.data.shards)
     parent = resolve(cfg, shards, fold_dir=True)
     n_folds = int(shards.split(parent.data.protocol).max()) + 1
+    pending = []
     for k in range(n_folds):
         fold_cfg = copy.deepcopy(parent)
         fold_cfg.data.fold = k
@@ -520,13 +525,73 @@ def train_all_folds(cfg: TrainConfig, *, resume: bool = False, quiet: bool = Fal
         finished = dist.broadcast_object((Path(fold_cfg.out) / RESULTS_FILE).is_file())
         if finished:
             dist.print0(f"{fold_cfg.out}: fold {k} finished already ({RESULTS_FILE} present); skipped")
-            continue
-        train(fold_cfg, resume=resume, quiet=quiet)
+        else:
+            pending.append(fold_cfg)
+    if jobs > 1 and pending:
+        if dist.env_info().world_size > 1:
+            raise TrainError("--jobs runs folds side by side in one process each; it does not combine with torchrun")
+        _train_folds_at_once(pending, Path(parent.out), jobs, resume)
+    else:
+        for fold_cfg in pending:
+            train(fold_cfg, resume=resume, quiet=quiet)
     summary = None
     if dist.is_main():
         summary = ev.aggregate(parent.out, parent.data.protocol, n_folds=n_folds)
         print(ev.report_markdown(summary, title=parent.name))
     return dist.broadcast_object(summary)
+
+
+def _train_folds_at_once(fold_cfgs: list[TrainConfig], out: Path, jobs: int, resume: bool) -> None:
+    """Train the folds `jobs` at a time, one process each, with a progress bar over folds.
+
+    Why: a LOPO fold is a few hundred images, far too little to keep a large GPU busy, and an
+    epoch of it is mostly fixed costs; several at once on the same device overlap them. Each
+    worker process trains fold after fold (torch, DALI and compiled kernels loaded once), writes
+    its output to `<out>/jobs/worker-<pid>.log`, and on a CPU gets its share of the cores. A fold
+    that fails is reported with its log; the others finish, and running the command again (with
+    --resume) completes the rest.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    logs = out / "jobs"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    failed: dict[int, str] = {}
+    print(f"{len(fold_cfgs)} folds, {jobs} at once; worker logs in {logs}", flush=True)
+    # spawn, not fork: CUDA, DALI and OpenMP threads do not survive a fork.
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_fold_worker_init,
+                                initargs=(str(logs), threads)) as pool:
+        futures = {pool.submit(_train_quietly, c, resume): c.data.fold for c in fold_cfgs}
+        with tqdm(total=len(futures), desc="folds", unit="fold", dynamic_ncols=True) as bar:
+            for future in cf.as_completed(futures):
+                k = futures[future]
+                try:
+                    r = future.result()
+                    bar.set_postfix_str(f"fold {k}: MAE {r['test_mae']:.2f}")
+                except Exception as e:  # noqa: BLE001: reported below, with every other failure
+                    failed[k] = f"{type(e).__name__}: {e}".splitlines()[0]
+                bar.update()
+    if failed:
+        lines = "\n".join(f"  fold {k}: {why}" for k, why in sorted(failed.items()))
+        raise TrainError(f"{len(failed)} of {len(fold_cfgs)} folds failed (worker logs in {logs}):\n{lines}\n"
+                         "run the same command with --resume to finish them")
+
+
+def _fold_worker_init(logs: str, threads: int) -> None:
+    """A fold worker's start: its output to its own log, its share of the CPU threads."""
+    log = open(Path(logs) / f"worker-{os.getpid()}.log", "a", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    torch.set_num_threads(threads)
+
+
+def _train_quietly(cfg: TrainConfig, resume: bool) -> dict:
+    print(f"== fold {cfg.data.fold}: {cfg.out}", flush=True)
+    return train(cfg, resume=resume, quiet=True)
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -536,9 +601,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`agecl-train`: parse, build the config, run one fold or all of them."""
     args = get_args_parser().parse_args(argv)
     try:
+        if args.jobs < 1 or (args.jobs > 1 and not args.all_folds):
+            raise ValueError(f"--jobs {args.jobs}: needs --all-folds and a value >= 1")
         cfg = config_from_args(args)
         if args.all_folds:
-            train_all_folds(cfg, resume=args.resume, quiet=args.quiet)
+            train_all_folds(cfg, resume=args.resume, quiet=args.quiet, jobs=args.jobs)
         else:
             train(cfg, resume=args.resume, quiet=args.quiet)
     except (TrainError, CheckpointError, PretrainedError, fmt.FormatError, ValueError, KeyError) as e:

@@ -11,8 +11,8 @@ agecl-train does), PRECISION fp32 | bf16 (autocast), DATA synthetic (fixed tenso
 no loader, no resize; the ceiling) | dali | torch | real (= --loader) (agecl's training loader, crop `--crop` resized
 to `--image-size` on the device when smaller, exactly as agecl-train feeds the network).
 Defaults: on CUDA every mode and precision on synthetic data plus compiled-bf16 with each loader;
-on CPU eager and compiled fp32 on synthetic data plus eager-fp32 with each loader (bf16 on a CPU
-is 2-3x slower than fp32: add it with --cpu-bf16 or --variants).
+on CPU eager and compiled fp32 on synthetic data plus eager-fp32 with each loader (bf16 is slower
+than fp32 on CPUs without AMX, faster on those with it: add it with --cpu-bf16 or --variants).
 
 The step is agecl.train.train_step itself. Each variant is built and warmed up first (compile,
 DALI pipeline build, cuDNN autotuning: `--warmup` untimed steps), then timed windows of `--steps`

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,6 +229,41 @@ def test_all_folds_then_rerun_skips_finished_folds(shards, tmp_path, capsys):
     train_all_folds(cfg, quiet=True)
     assert capsys.readouterr().out.count("skipped") == 3
     assert (out / "fold-1" / RESULTS_FILE).stat().st_mtime_ns == stamp
+
+
+def test_folds_at_once_equal_folds_one_at_a_time(shards, tmp_path):
+    """--jobs 2: two worker processes (one thread each, as this module's runs) give the very
+    predictions of the sequential run, write their logs, and aggregate the same way."""
+    preds = {}
+    for jobs in (1, 2):
+        cfg = _cfg(shards, tmp_path / f"jobs{jobs}", epochs=1)
+        cfg.data.protocol = "kfold"
+        summary = train_all_folds(cfg, quiet=True, jobs=jobs)
+        assert summary["complete"] and summary["folds_finished"] == [0, 1, 2]
+        preds[jobs] = [np.load(tmp_path / f"jobs{jobs}" / f"fold-{k}" / "predictions.npz") for k in range(3)]
+    for a, b in zip(preds[1], preds[2]):
+        assert a.files == b.files
+        for name in a.files:
+            np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
+    logs = list((tmp_path / "jobs2" / "jobs").glob("worker-*.log"))
+    assert logs and sum(log.read_text().count("== fold") for log in logs) == 3
+
+
+def test_a_failing_fold_is_reported_and_the_others_finish(shards, tmp_path):
+    out = tmp_path / "run"
+    (out / "fold-1").mkdir(parents=True)
+    (out / "fold-1" / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")  # refused without --resume
+    cfg = _cfg(shards, out, epochs=1)
+    cfg.data.protocol = "kfold"
+    with pytest.raises(TrainError, match=r"1 of 3 folds failed(.|\n)*fold 1: TrainError"):
+        train_all_folds(cfg, quiet=True, jobs=2)
+    assert (out / "fold-0" / RESULTS_FILE).is_file() and (out / "fold-2" / RESULTS_FILE).is_file()
+    assert not (out / "fold-1" / RESULTS_FILE).exists()
+
+
+def test_jobs_needs_all_folds(shards, tmp_path, capsys):
+    assert main(_cli(shards, tmp_path / "x") + ["--jobs", "2"]) == 2
+    assert "needs --all-folds" in capsys.readouterr().err
 
 
 def test_demo_core_on_a_tiny_set(tmp_path, capsys):
