@@ -9,7 +9,8 @@
 # Then, on the device, one `run` per wheel part carrying only `.gpuwheels-<i>` (command `true`),
 # back to back; optionally one carrying `.fgnet`; then this script:
 #   bash .gpuwheels-1/install.sh && export PYTHONPATH=$PWD/.gpusite:$PWD:$PYTHONPATH && bash benchmarks/gpu_suite.sh
-# Stages can be chosen: STAGES="tests loader train align fgnet" (default: all).
+# Stages can be chosen: STAGES="tests loader train align fgnet" (default: all). One `run` is at most
+# 10 minutes: give the fgnet stage a call of its own (STAGES=fgnet FGNET_SECONDS=500).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -66,13 +67,19 @@ if has align && [ -d .fgnet/images ]; then
 fi
 
 if has fgnet && [ -d .fgnet/images ]; then
-  log "FG-NET shards on CUDA, then 2 LOPO folds of the paper's ternary preset"
-  /usr/bin/time -v $PY tools/make_shards.py --dataset fgnet --root .fgnet/images --out "$WORK/fgnet" --device cuda --workers 8 --quiet \
-    2> "$OUT/fgnet_build.err" | tail -5 | tee -a "$OUT/suite.log"
-  for k in 0 1; do
-    $PY -m agecl.train --shards "$WORK/fgnet" --protocol lopo --fold "$k" --preset paper-fgnet-ternary --epochs 100 \
-      --out "$WORK/runs/fgnet-lopo/fold-$k" --quiet 2>>"$OUT/fgnet_train.err" | tail -2 | tee -a "$OUT/suite.log"
-  done
+  # LOPO is 82 tiny folds: --jobs trains several at once on the one GPU. The stage stops after
+  # FGNET_SECONDS and prints the folds finished, to extrapolate the 82-fold time (the issue's
+  # target: 30 minutes); run it again (STAGES=fgnet) to go on: finished folds are skipped.
+  log "FG-NET shards on CUDA, then LOPO of the paper's ternary preset, ${FGNET_JOBS:-8} folds at once"
+  [ -f "$WORK/fgnet/manifest.json" ] || /usr/bin/time -v $PY tools/make_shards.py --dataset fgnet --root .fgnet/images \
+    --out "$WORK/fgnet" --device cuda --workers 8 --quiet 2> "$OUT/fgnet_build.err" | tail -5 | tee -a "$OUT/suite.log"
+  start=$(date +%s)
+  timeout "${FGNET_SECONDS:-420}" $PY -m agecl.train --shards "$WORK/fgnet" --protocol lopo --all-folds --jobs "${FGNET_JOBS:-8}" \
+    --preset paper-fgnet-ternary --epochs 100 --out "$WORK/runs/fgnet-lopo" --resume --quiet \
+    > "$OUT/fgnet_train.log" 2>&1
+  done_folds=$(ls "$WORK"/runs/fgnet-lopo/fold-*/results.json 2>/dev/null | wc -l)
+  log "LOPO: $done_folds of 82 folds finished after $(( $(date +%s) - start )) s in this call (jobs ${FGNET_JOBS:-8})"
+  tail -25 "$OUT/fgnet_train.log" | tee -a "$OUT/suite.log"
 fi
 
 log "summary"
