@@ -310,6 +310,12 @@ def augmentation_matrices(n: int, cfg: LoaderConfig, side: int, key: Sequence[in
     return m.astype(np.float32)
 
 
+def warp_op(cfg: LoaderConfig, gpu: bool) -> str:
+    """Which op does the DALI training warp: "agecl.warp" (compiled, bilinear, DALI's CPU backend)
+    or "warp_affine" (DALI's own: on a GPU, and for nearest-neighbour sampling)."""
+    return "agecl.warp" if not gpu and cfg.interpolation == "linear" else "warp_affine"
+
+
 def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None):
     """The DALI graph from encoded JPEGs to network input, as in NVIDIA's examples.
 
@@ -337,7 +343,7 @@ def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None):
     if mode == "eval":
         return fn.crop_mirror_normalize(images, crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5, **normalise)
 
-    if not gpu and cfg.interpolation == "linear":
+    if warp_op(cfg, gpu) == "agecl.warp":
         # DALI's own CPU warp is four times the decode's cost; agecl.warp does warp, normalise
         # and transpose in one compiled pass, on the same matrices with the same convention.
         from .warp import dali_warp_normalise

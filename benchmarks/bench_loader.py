@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from agecl import format as fmt  # noqa: E402
 from agecl.config import LoaderConfig  # noqa: E402
-from agecl.loader import build_train_loader  # noqa: E402
+from agecl.loader import build_train_loader, warp_op  # noqa: E402
 from agecl.reader import ShardSet  # noqa: E402
 from agecl.shards import Sample, write_manifest, write_samples  # noqa: E402
 
@@ -258,6 +258,8 @@ def main(argv=None):
                 # CPU time an image (all threads and workers): robust to other load on the machine
                 "cpu_ms_per_image": round(statistics.median(m.cpu_ms), 3),
                 "warmup_sec": round(m.warmup_sec, 2),
+                # the op that warps (DALI train stage only)
+                "warp": warp_op(m.cfg, device.type == "cuda") if (m.cfg.loader, m.stage) == ("dali", "train") else None,
                 **common,
             }
             if m.cfg.loader == "dali" and ("torch", m.stage) in best:
