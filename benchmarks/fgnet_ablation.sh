@@ -5,7 +5,7 @@
 #   bash benchmarks/fgnet_ablation.sh SHARDS [PROTOCOL] [EPOCHS] [IMAGE_SIZE] [extra agecl-train flags...]
 #
 # Defaults are the paper's protocol and schedule (lopo, 100 epochs, 224 px). On a 2-core CPU we ran
-# a reduced version (kfold, 10 epochs, 64 px, bf16): see benchmarks/RESULTS.md.
+# a reduced version (kfold, 20 epochs, 64 px, bf16, cosine learning rate): see README.md and benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shards=${1:?usage: fgnet_ablation.sh SHARDS [PROTOCOL] [EPOCHS] [IMAGE_SIZE] [flags...]}
