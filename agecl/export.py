@@ -28,6 +28,7 @@ written and verified, 1 when a verification failed (the artifact is kept, its si
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import sys
 import warnings
@@ -315,6 +316,17 @@ def sidecar_path(artifact: Path | str) -> Path:
 # --- Command line --------------------------------------------------------------------------------
 
 
+def _missing_onnx_packages() -> list[str]:
+    """The packages torch's ONNX exporter needs that cannot be imported (checked before any work)."""
+    missing = []
+    for name in ("onnx", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="agecl-export",
@@ -348,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give at least one of --onnx, --torchscript, --export")
     if len({Path(p).resolve() for p in outputs.values()}) < len(outputs):
         parser.error("each artifact needs its own path")
+    if "onnx" in outputs and (missing := _missing_onnx_packages()):
+        parser.error(f"--onnx needs the package(s) {', '.join(missing)}: pip install 'agecl[export]'")
     try:
         result = export(args.checkpoint, outputs, probs=args.probs, check=not args.no_verify,
                         tolerance=args.tolerance, log=lambda msg: print(msg, file=sys.stderr))

@@ -142,3 +142,13 @@ def test_cli_errors(tmp_path, capsys):
     assert export_main(["--checkpoint", str(bad), "--export", str(tmp_path / "a.pt2")]) == 2
     assert "bad.pt" in capsys.readouterr().err
     assert not (tmp_path / "a.pt2").exists()
+
+
+def test_onnx_without_its_packages_is_a_clear_error(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails, as where agecl[export] is absent
+    with pytest.raises(SystemExit) as e:
+        export_main(["--checkpoint", str(ckpt), "--onnx", str(tmp_path / "a.onnx")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "onnxscript" in err and "agecl[export]" in err
+    assert not (tmp_path / "a.onnx").exists()
