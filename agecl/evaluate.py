@@ -22,7 +22,6 @@ Definitions (the paper's, made exact):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import re
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from agecl import format as fmt
-from agecl.atomic import atomic_path, write_bytes, write_json, write_text
+from agecl import plots
+from agecl.atomic import atomic_path, write_json, write_text
 from agecl.model import unwrap
 
 RESULTS_FILE = "results.json"
@@ -46,6 +46,7 @@ PREDICTIONS_FILE = "predictions.npz"
 REPORT_FILE = "results.md"
 SCATTER_PLOT = "pred_vs_true.png"
 AGE_GROUP_PLOT = "mae_by_age.png"
+CURVES_PLOT = plots.CURVES_PLOT
 FOLD_DIR_GLOB = "fold-*"
 
 CS_THRESHOLD = 5.0  # years: CS(5), the paper's cumulative score
@@ -471,8 +472,14 @@ def aggregate(parent_dir: Path | str, protocol: str | None = None, *, n_folds: i
         "problems": problems,
         "plots": [SCATTER_PLOT, AGE_GROUP_PLOT],
     }
-    _plot_scatter(parent / SCATTER_PLOT, pooled_arrays["ages"], pooled_arrays["expected"], protocol, pooled["mae"])
-    _plot_age_groups(parent / AGE_GROUP_PLOT, pooled["mae_by_age"], protocol)
+    plots.plot_pred_vs_true(parent / SCATTER_PLOT, pooled_arrays["ages"], pooled_arrays["expected"], protocol,
+                            pooled["mae"])
+    plots.plot_mae_by_age(parent / AGE_GROUP_PLOT, pooled["mae_by_age"], protocol)
+    try:  # the folds' training curves, averaged; fold folders written by agecl-eval alone have none
+        plots.plot_training_curves([parent], parent / CURVES_PLOT, title=f"{parent.name}: training, per epoch")
+        summary["plots"].append(CURVES_PLOT)
+    except FileNotFoundError:
+        pass
     write_json(parent / RESULTS_FILE, summary)
     write_text(parent / REPORT_FILE, report_markdown(summary, title=parent.name))
     return summary
@@ -528,62 +535,9 @@ def report_markdown(summary: Mapping, title: str = "") -> str:
             f"softmax {_f(s.get('identity_softmax_variance'), 6)}.",
         ]
     lines += ["", f"![predicted against true age]({SCATTER_PLOT})", "", f"![MAE by age group]({AGE_GROUP_PLOT})", ""]
+    if CURVES_PLOT in s.get("plots", []):
+        lines += [f"![training curves, mean over folds]({CURVES_PLOT})", ""]
     return "\n".join(lines)
-
-
-# --- Plots (matplotlib's object API on the Agg canvas: no pyplot state, no display) ---------------
-
-
-def _save_figure(fig, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    write_bytes(path, buf.getvalue())
-
-
-def _plot_scatter(path: Path, ages: np.ndarray, expected: np.ndarray, protocol: str, mae: float) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 5))
-    ax = fig.add_subplot()
-    hi = float(max(ages.max(), expected.max(), 1)) + 2
-    ax.plot([0, hi], [0, hi], color="black", linewidth=1, label="predicted = true")
-    ax.scatter(ages, expected, s=6, alpha=0.35 if len(ages) > 2000 else 0.6, linewidths=0)
-    ax.set_xlim(0, hi)
-    ax.set_ylim(0, hi)
-    ax.set_aspect("equal")
-    ax.set_xlabel("true age (years)")
-    ax.set_ylabel("predicted age (years, expected value)")
-    ax.set_title(f"{protocol}: MAE {mae:.2f} on {len(ages)} test images")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _plot_age_groups(path: Path, by_age: Mapping[str, Mapping], protocol: str) -> None:
-    from matplotlib.figure import Figure
-
-    labels = list(by_age)
-    mae = [by_age[k]["mae"] or 0.0 for k in labels]
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    bars = ax.bar(labels, mae, color="tab:blue")
-    for bar, k in zip(bars, labels):
-        ax.annotate(
-            f"n={by_age[k]['n']}",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set_xlabel("true age group (years)")
-    ax.set_ylabel("MAE (years)")
-    ax.set_title(f"{protocol}: MAE by age group")
-    ax.margins(y=0.15)
-    fig.tight_layout()
-    _save_figure(fig, path)
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -612,6 +566,10 @@ def _parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="checkpoint.pt to evaluate")
     what.add_argument("--aggregate", metavar="RUN_DIR", help="protocol run folder holding fold-*/results.json")
+    what.add_argument("--curves", metavar="RUN_DIR", nargs="+",
+                      help="draw the training curves of these runs overlaid (a protocol run: the mean over its "
+                      "folds); works on runs still training")
+    p.add_argument("--labels", help="--curves: comma-separated legend names (default: the folder names)")
     p.add_argument("--shards", help="shard folder (default: the checkpoint's data.shards)")
     p.add_argument("--protocol", help="split name (default: the checkpoint's, else the manifest's default)")
     p.add_argument("--fold", type=int, help="test fold (default: the checkpoint's)")
@@ -621,7 +579,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images a batch (default: 3 x the training batch size)")
     p.add_argument("--workers", type=int, help="loader threads / processes (default: the checkpoint's)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA")
-    p.add_argument("--out", help="results folder (default: <checkpoint folder>/eval-<protocol>-fold-<K>)")
+    p.add_argument("--out", help="results folder (default: <checkpoint folder>/eval-<protocol>-fold-<K>); "
+                   "--curves: the PNG (default: <RUN_DIR>/curves.png for one run, curves.png for several)")
     return p
 
 
@@ -711,6 +670,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(report_markdown(summary, title=Path(args.aggregate).name))
         print(f"wrote {Path(args.aggregate) / RESULTS_FILE}, {REPORT_FILE}, {SCATTER_PLOT}, {AGE_GROUP_PLOT}")
+        return 0
+    if args.curves:
+        out = Path(args.out) if args.out else (Path(args.curves[0]) if len(args.curves) == 1 else Path()) / CURVES_PLOT
+        labels = args.labels.split(",") if args.labels else None
+        try:
+            curves = plots.plot_training_curves(args.curves, out, labels=labels)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"agecl-eval: {e}", file=sys.stderr)
+            return 2
+        for c in curves:
+            last = {k: np.nanmean(v[:, -1]) for k, v in c.values.items()}
+            print(f"{c.label}: {c.folds} run(s), epoch {c.epochs[-1]}: loss {last['total']:.4f}  "
+                  f"train MAE {last['train_mae']:.2f}")
+        print(f"wrote {out}")
         return 0
     from agecl.checkpoint import CheckpointError
 

@@ -18,7 +18,7 @@ under bf16 autocast in channels_last, and Adam is fused.
 A run folder `runs/<name>/` holds config.json, metrics.jsonl (one line per log interval and one
 per epoch), checkpoint.pt (every epoch, atomic; `--resume` continues from the next epoch),
 then results.json and predictions.npz (the final epoch's model on the test fold: nothing is
-selected on the test fold). `--all-folds` runs every fold in `runs/<name>/fold-<k>/` (a fold with
+selected on the test fold) and curves.png (every metric per epoch). `--all-folds` runs every fold in `runs/<name>/fold-<k>/` (a fold with
 results.json is skipped when the command runs again) and aggregates them (agecl.evaluate).
 LOPO folds are tiny (one FG-NET person each): `--all-folds --jobs N` trains N folds at once, one
 process each, so that a large GPU is kept busy.
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from agecl import dist
 from agecl import evaluate as ev
+from agecl import plots
 from agecl import format as fmt
 from agecl.atomic import write_json, write_text
 from agecl.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, set_rng_state
@@ -495,6 +496,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
                 "config": to_dict(cfg),
             },
         )
+        plots.plot_training_curves([run_dir], run_dir / plots.CURVES_PLOT, title=f"{cfg.name}: training, per epoch")
         print(f"{run_dir}: {protocol} fold {fold}: test MAE {m['mae']:.3f}  CS(5) {100 * m['cs5']:.1f}%  "
               f"(mean-age baseline MAE {baseline:.3f}) on {m['n']} test images", flush=True)
     # Every rank waits for the evaluation and gets its results.

@@ -6,6 +6,7 @@
 #
 # Defaults are the paper's protocol and schedule (lopo, 100 epochs, 224 px). On a 2-core CPU we ran
 # a reduced version (kfold, 20 epochs, 64 px, bf16, cosine learning rate): see README.md and benchmarks/RESULTS.md.
+# PRESETS="mv paper-fgnet-binary" runs only those rows. The runs go to runs/<shard folder name>-<protocol>-<preset>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shards=${1:?usage: fgnet_ablation.sh SHARDS [PROTOCOL] [EPOCHS] [IMAGE_SIZE] [flags...]}
@@ -15,12 +16,13 @@ size=${4:-224}
 shift $(( $# < 4 ? $# : 4 ))
 PY=${PY:-.venv/bin/python}
 name=$(basename "$shards")
-for preset in mv paper-fgnet-binary mv-triplet paper-fgnet-ternary; do
+presets=${PRESETS:-"mv paper-fgnet-binary mv-triplet paper-fgnet-ternary"}
+for preset in $presets; do
   # The paper flips vertically in every row; so do all four rows here (a flag after "$@" would win).
   $PY -m agecl.train --shards "$shards" --protocol "$protocol" --all-folds --preset "$preset" \
     --flip vertical --epochs "$epochs" --image-size "$size" --out "runs/$name-$protocol-$preset" --quiet "$@"
 done
-for preset in mv paper-fgnet-binary mv-triplet paper-fgnet-ternary; do
+for preset in $presets; do
   $PY - "$preset" "runs/$name-$protocol-$preset/results.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[2]))

@@ -385,3 +385,65 @@ def test_cli_checkpoint_end_to_end(tmp_path, capsys):
     assert "WARNING" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+# --- Training curves (agecl.plots) ---------------------------------------------------------------
+
+
+def _metrics_file(run: Path, epochs: dict[int, float], extra_lines: str = "") -> None:
+    """A metrics.jsonl as the trainer writes it: step and epoch rows; `epochs` maps epoch -> total."""
+    run.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for e, total in epochs.items():
+        rows.append({"kind": "step", "epoch": e, "step": 10 * e - 5, "total": 99.0})
+        rows.append({"kind": "epoch", "epoch": e, "step": 10 * e, "total": total, "train_mae": total / 2, "ce": 1.0,
+                     "mean": 2.0, "variance": 3.0, "cosine": 0.1, "triplet": 0.0, "kl": 0.0, "lr": 1e-3,
+                     "images_per_sec": 100.0, "epoch_time_s": 1.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + extra_lines)
+
+
+def test_epoch_rows_keep_the_last_row_of_an_epoch_and_skip_a_torn_line(tmp_path):
+    from agecl.plots import epoch_rows
+
+    _metrics_file(tmp_path, {1: 5.0, 2: 4.0}, extra_lines=json.dumps({"kind": "epoch", "epoch": 2, "total": 3.5}) + "\n"
+                  + '{"kind": "epoch", "epoch": 3, "tot')  # a resumed epoch 2, then a line cut by a kill
+    rows = epoch_rows(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["total"] for r in rows] == [5.0, 3.5]
+
+
+def test_curves_of_a_protocol_run_are_per_fold_with_gaps(tmp_path):
+    from agecl.plots import read_curves
+
+    _metrics_file(tmp_path / "fold-0", {1: 6.0, 2: 4.0, 3: 2.0})
+    _metrics_file(tmp_path / "fold-1", {1: 8.0, 2: 6.0})  # still training: no epoch 3 yet
+    c = read_curves(tmp_path)
+    assert c.folds == 2 and c.epochs.tolist() == [1, 2, 3] and c.label == tmp_path.name
+    total = c.values["total"]
+    assert total[0].tolist() == [6.0, 4.0, 2.0]
+    assert total[1, :2].tolist() == [8.0, 6.0] and np.isnan(total[1, 2])
+    assert np.nanmean(total, axis=0).tolist() == [7.0, 5.0, 2.0]
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        read_curves(tmp_path / "fold-9")
+
+
+def test_cli_curves_overlays_runs_and_aggregate_draws_the_folds(tmp_path, capsys):
+    a, b = tmp_path / "mv", tmp_path / "binary"
+    _metrics_file(a / "fold-0", {1: 6.0, 2: 4.0})
+    _metrics_file(b, {1: 5.0, 2: 3.0})
+    out = tmp_path / "compare.png"
+    assert main(["--curves", str(a), str(b), "--labels", "MV,MV + cosine", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "MV: 1 run(s), epoch 2: loss 4.0000" in printed and "MV + cosine: 1 run(s), epoch 2: loss 3.0000" in printed
+    _assert_png(out)
+    assert main(["--curves", str(b)]) == 0 and (b / "curves.png").is_file()  # one run: into its folder
+    assert main(["--curves", str(a), "--labels", "x,y"]) == 2
+    assert "2 labels for 1 runs" in capsys.readouterr().err
+    assert main(["--curves", str(tmp_path / "nothing")]) == 2
+    assert "nothing: no metrics.jsonl" in capsys.readouterr().err
+
+    # A protocol run folder whose folds trained: aggregation draws their mean curves too.
+    _fold(a, 0, [20, 30], [21, 29], "kfold", 1)
+    summary = ev.aggregate(a)
+    assert "curves.png" in summary["plots"] and "curves.png" in (a / "results.md").read_text()
+    _assert_png(a / "curves.png")

@@ -98,8 +98,9 @@ def straight(shards, tmp_path_factory):
 
 def test_short_run_lowers_the_loss_and_writes_the_run_folder(straight):
     out, results, _ = straight
-    for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, RESULTS_FILE, "predictions.npz"):
+    for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, RESULTS_FILE, "predictions.npz", "curves.png"):
         assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _rows(out)
     epochs = [r for r in rows if r["kind"] == "epoch"]
     steps = [r for r in rows if r["kind"] == "step"]
