@@ -44,7 +44,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from agecl import dist
 from agecl import evaluate as ev
@@ -52,7 +51,7 @@ from agecl import plots
 from agecl import format as fmt
 from agecl.atomic import write_json, write_text
 from agecl.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, set_rng_state
-from agecl.config import TrainConfig, apply_overrides, describe, to_dict
+from agecl.config import TrainConfig, apply_overrides, describe, from_dict, to_dict
 from agecl.loader import build_eval_loader, build_train_loader
 from agecl.losses import age_loss, apply_train_preset
 from agecl.model import AgeModel, PretrainedError
@@ -82,10 +81,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="agecl-train",
         description="Train an age model with contrastive triplets (Chae et al., arXiv 2308.11896) on a shard set. "
         "Defaults are the paper's: Adam, lr 0.001, 100 epochs, 64 triplets a batch, 224 crops.",
-        epilog="Order of precedence: defaults < --preset < the flags above < --set. "
+        epilog="Order of precedence: defaults < --config < --preset < the flags above < --set. "
         "Multi-GPU: torchrun --nproc_per_node N -m agecl.train ...",
     )
-    p.add_argument("--shards", required=True, help="shard folder written by tools/make_shards.py")
+    p.add_argument("--shards", help="shard folder written by tools/make_shards.py (required unless --config names one)")
+    p.add_argument("--config", metavar="FILE", help="start from a saved configuration: a run's config.json (or its "
+                   "folder) to train it again; flags and --set still apply, and the run gets its own folder")
     p.add_argument("--protocol", help="split name: rs, se, lopo, kfold or any split of the set (default: the manifest's default_protocol)")
     folds = p.add_mutually_exclusive_group()
     folds.add_argument("--fold", type=int, help="test fold (default 0); training uses every other fold")
@@ -121,9 +122,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_config(path: Path | str) -> TrainConfig:
+    """The TrainConfig saved in a run folder's config.json (`path` is the file or the folder), with
+    its run folder and name cleared: training it again must not continue or overwrite that run."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    try:
+        cfg = from_dict(TrainConfig, json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such configuration file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON configuration ({e})") from None
+    except (KeyError, TypeError, AttributeError) as e:  # unknown keys, or not the shape of a TrainConfig
+        raise ValueError(f"{path}: not an agecl configuration ({e})") from None
+    cfg.out, cfg.name = "", ""
+    return cfg
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A TrainConfig from parsed arguments: defaults, then the preset, then flags, then --set."""
-    cfg = TrainConfig()
+    """A TrainConfig from parsed arguments: defaults (or --config), then the preset, then flags, then --set."""
+    cfg = load_config(args.config) if args.config else TrainConfig()
     overrides = list(args.overrides)
     # A preset rewrites every loss weight: it goes first so that flags and --set win over it.
     preset = args.preset
@@ -133,7 +152,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             overrides.remove(item)
     if preset:
         apply_train_preset(cfg, preset)
-    cfg.data.shards = args.shards
+    if args.shards:
+        cfg.data.shards = args.shards
+    if not cfg.data.shards:
+        raise ValueError("no shard folder: pass --shards (or a --config that names one)")
     flags = {
         "data.protocol": args.protocol,
         "data.fold": args.fold,

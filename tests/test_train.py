@@ -304,3 +304,28 @@ def test_resume_is_exact_with_the_dali_loader(shards, tmp_path):
     ref, got = (load_checkpoint(tmp_path / name / CHECKPOINT_FILE) for name in ("straight", "resumed"))
     assert got["step"] == ref["step"]
     _assert_same_state(got["model"], ref["model"])
+
+
+def test_config_file_trains_the_same_run_again(shards, straight, tmp_path, capsys):
+    """--config <run folder> retrains that run into its own folder: the same configuration and weights."""
+    src = straight[0]
+    out = tmp_path / "again"
+    assert main(["--config", str(src), "--out", str(out), "--quiet"]) == 0
+    _assert_same_state(load_checkpoint(out / CHECKPOINT_FILE)["model"], load_checkpoint(src / CHECKPOINT_FILE)["model"])
+    saved, original = (json.loads((d / CONFIG_FILE).read_text()) for d in (out, src))
+    assert {**saved, "out": "", "name": ""} == {**original, "out": "", "name": ""} and saved["out"] == str(out)
+
+    # The saved run's folder and name are cleared; flags and --set still win over the file.
+    cfg = config_from_args(get_args_parser().parse_args(
+        ["--config", str(src / CONFIG_FILE), "--epochs", "1", "--set", "loss.cosine=0.5"]))
+    assert (cfg.out, cfg.name, cfg.epochs, cfg.loss.cosine) == ("", "", 1, 0.5)
+    assert cfg.data.shards == shards and cfg.loader.batch_size == 8
+
+    assert main(["--config", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such configuration file" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"epochs": 2, "colour": "red"}')
+    assert main(["--config", str(bad)]) == 2
+    assert "bad.json: not an agecl configuration" in capsys.readouterr().err
+    assert main(["--epochs", "1"]) == 2
+    assert "no shard folder" in capsys.readouterr().err
