@@ -680,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"agecl-eval: {e}", file=sys.stderr)
             return 2
         for c in curves:
-            last = {k: np.nanmean(v[:, -1]) for k, v in c.values.items()}
+            last = {k: plots.fold_mean(v)[-1] for k, v in c.values.items()}
             print(f"{c.label}: {c.folds} run(s), epoch {c.epochs[-1]}: loss {last['total']:.4f}  "
                   f"train MAE {last['train_mae']:.2f}")
         print(f"wrote {out}")

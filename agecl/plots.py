@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -148,6 +149,13 @@ def read_curves(run: Path | str, label: str | None = None) -> Curves:
     return Curves(label or run.name, epochs, values, len(runs))
 
 
+def fold_mean(values: np.ndarray) -> np.ndarray:
+    """(F, E) -> (E,): the mean over the folds that logged each epoch (NaN where none did)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice": that NaN is the answer
+        return np.nanmean(values, axis=0)
+
+
 def _shown(curves: Sequence[Curves]) -> list[tuple[str, str]]:
     """The panels worth drawing: a loss term only where some run uses it."""
     def used(k: str) -> bool:
@@ -178,12 +186,11 @@ def plot_training_curves(runs: Sequence[Path | str | Curves], path: Path | str, 
                 continue  # a term this run does not use: no flat line at zero to misread
             color = f"C{i % 10}"
             marker = "o" if len(c.epochs) < 3 else None
-            with np.errstate(all="ignore"):  # an epoch no fold reached is all-NaN: a gap, not a warning
-                mean = np.nanmean(v, axis=0) if c.folds > 1 else v[0]
             name = c.label + (f" (mean of {c.folds} folds)" if c.folds > 1 else "")
-            ax.plot(c.epochs, mean, color=color, marker=marker, linewidth=1.5, label=name)
+            ax.plot(c.epochs, fold_mean(v), color=color, marker=marker, linewidth=1.5, label=name)
             if c.folds > 1:
-                with np.errstate(all="ignore"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a metric no fold logged: a gap
                     ax.fill_between(c.epochs, np.nanmin(v, axis=0), np.nanmax(v, axis=0), color=color, alpha=0.15,
                                     linewidth=0)
         ax.set_title(panel_title, fontsize=10)
