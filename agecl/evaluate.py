@@ -224,7 +224,11 @@ def metrics(
     Keys: "mae", "cs5" (share in 0..1 with |yhat - y| <= 5), "bias" (mean yhat - y: > 0 means the
     model guesses too old), "n", "mae_by_age" (see `mae_by_age`), and, when computable,
     "identity_feature_variance", "identity_softmax_variance", "identity_groups" (identities with
-    >= 2 images that they average over; see `identity_variance`).
+    >= 2 images that they average over; see `identity_variance`) and
+    "identity_direction_variance": the same measure on the L2-normalised features. The raw
+    feature variance moves with the scale of f, which the losses change too (the cosine term
+    constrains directions only); on unit vectors it compares models on what the cosine term acts
+    on, whatever the scale (not in the paper: ours, reported beside Table 5's measure).
     """
     e = np.asarray(expected, np.float64).reshape(-1)
     y = np.asarray(ages, np.float64).reshape(-1)
@@ -241,7 +245,12 @@ def metrics(
         "mae_by_age": mae_by_age(e, y),
     }
     if identities is not None:
-        for key, values in (("identity_feature_variance", features), ("identity_softmax_variance", probs)):
+        directions = None
+        if features is not None:
+            f = np.asarray(features, np.float64)
+            directions = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        for key, values in (("identity_feature_variance", features), ("identity_softmax_variance", probs),
+                            ("identity_direction_variance", directions)):
             if values is not None:
                 out[key], out["identity_groups"] = identity_variance(values, identities)
     return out
@@ -290,7 +299,8 @@ def write_fold_results(
             "mae_by_age": metrics["mae_by_age"],
         }
     )
-    for key in ("identity_feature_variance", "identity_softmax_variance", "identity_groups"):
+    for key in ("identity_feature_variance", "identity_softmax_variance", "identity_direction_variance",
+                "identity_groups"):
         if key in metrics:
             results[key] = metrics[key]
     results.update(extra or {})
@@ -412,6 +422,7 @@ def aggregate(parent_dir: Path | str, protocol: str | None = None, *, n_folds: i
             "mean_age_baseline": r.get("mean_age_baseline"),
             "identity_feature_variance": r.get("identity_feature_variance"),
             "identity_softmax_variance": r.get("identity_softmax_variance"),
+            "identity_direction_variance": r.get("identity_direction_variance"),
             "identity_groups": r.get("identity_groups"),
         }
         for r in sorted(folds, key=lambda r: int(r["fold"]))
@@ -465,6 +476,7 @@ def aggregate(parent_dir: Path | str, protocol: str | None = None, *, n_folds: i
         # (LOPO: one person a fold, so the plain mean over people).
         "identity_feature_variance": combine("identity_feature_variance", "identity_groups"),
         "identity_softmax_variance": combine("identity_softmax_variance", "identity_groups"),
+        "identity_direction_variance": combine("identity_direction_variance", "identity_groups"),
         "identity_groups": int(sum(f["identity_groups"] or 0 for f in per_fold)),
         "pooled": pooled,
         "over_folds": over_folds,
@@ -532,7 +544,8 @@ def report_markdown(summary: Mapping, title: str = "") -> str:
             "(mean over identities of the per-dimension variance, ddof=1, across one identity's images, "
             "averaged over the dimensions; higher = less identity-bound): "
             f"features {_f(s.get('identity_feature_variance'), 4)}, "
-            f"softmax {_f(s.get('identity_softmax_variance'), 6)}.",
+            f"softmax {_f(s.get('identity_softmax_variance'), 6)}; "
+            f"on L2-normalised features (scale-free) {_f(s.get('identity_direction_variance'), 6)}.",
         ]
     lines += ["", f"![predicted against true age]({SCATTER_PLOT})", "", f"![MAE by age group]({AGE_GROUP_PLOT})", ""]
     if CURVES_PLOT in s.get("plots", []):
@@ -553,7 +566,8 @@ def format_metrics(m: Mapping, baseline: float | None = None) -> str:
     if "identity_feature_variance" in m or "identity_softmax_variance" in m:
         lines.append(
             f"identity invariance over {m.get('identity_groups', 0)} identities with >= 2 images: "
-            f"features {_f(m.get('identity_feature_variance'), 4)}, softmax {_f(m.get('identity_softmax_variance'), 6)}"
+            f"features {_f(m.get('identity_feature_variance'), 4)}, softmax {_f(m.get('identity_softmax_variance'), 6)}, "
+            f"feature directions {_f(m.get('identity_direction_variance'), 6)}"
         )
     return "\n".join(lines)
 

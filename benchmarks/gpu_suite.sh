@@ -13,7 +13,8 @@
 # back to back, then one carrying `.fgnet`, then this script:
 #   bash .gpuwheels-1/install.sh && export PYTHONPATH=$PWD/.gpusite:$PWD:$PYTHONPATH && bash benchmarks/gpu_suite.sh
 # Stages can be chosen: STAGES="tests loader train align fgnet" (default: all). One `run` is at most
-# 10 minutes: give the fgnet stage a call of its own (STAGES=fgnet FGNET_SECONDS=500).
+# 10 minutes: give the fgnet stage a call of its own (STAGES=fgnet FGNET_SECONDS=500). Not in the
+# default: STAGES=alltests runs the whole test suite there (CUDA visible, the image's torch), -x, 8 min.
 #
 # SMOKE=1 runs every stage on this CPU with tiny settings, to check the script itself before a GPU
 # session spends its minutes on it (this is not a measurement).
@@ -74,6 +75,11 @@ fi
 if has tests; then
   log "GPU tests"
   $PY -m pytest -q -x -p no:cacheprovider -m "gpu" tests 2>&1 | tail -15 | tee "$OUT/tests_gpu.log"
+fi
+
+if has alltests; then
+  log "the whole test suite, CUDA visible"
+  timeout 480 $PY -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/tests_all.log"
 fi
 
 if has loader; then

@@ -92,6 +92,18 @@ def test_identity_variance_known_values():
     assert value == pytest.approx(ref)
 
 
+def test_direction_variance_ignores_the_scale_of_features():
+    # Person 0: the same direction at three scales; person 1: two orthogonal unit vectors, each
+    # scaled. Unit vectors: person 0 has variance 0; person 1 has (1,0), (0,1): per-dim var 0.5, 0.5.
+    f = np.array([[1, 1], [3, 3], [0, 2], [10, 10], [5, 0]], dtype=np.float32)
+    ids = np.array([0, 0, 1, 0, 1])
+    m = metrics(np.zeros(5), np.zeros(5), ids, features=f)
+    assert m["identity_feature_variance"] > 1  # raw features: scale counts
+    assert m["identity_direction_variance"] == pytest.approx((0 + 0.5) / 2)
+    scaled = metrics(np.zeros(5), np.zeros(5), ids, features=f * np.array([[7], [0.1], [2], [3], [0.5]]))
+    assert scaled["identity_direction_variance"] == pytest.approx(m["identity_direction_variance"])
+
+
 def test_identity_variance_random_against_loop_and_in_metrics():
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 9, 200)
