@@ -518,7 +518,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
                 "config": to_dict(cfg),
             },
         )
-        plots.plot_training_curves([run_dir], run_dir / plots.CURVES_PLOT, title=f"{cfg.name}: training, per epoch")
+        try:  # a chart must never cost a finished run its result: results.json is already written
+            plots.plot_training_curves([run_dir], run_dir / plots.CURVES_PLOT, title=f"{cfg.name}: training, per epoch")
+        except Exception as e:  # noqa: BLE001
+            print(f"{run_dir}: warning: could not draw {plots.CURVES_PLOT} ({type(e).__name__}: {e})", file=sys.stderr)
         print(f"{run_dir}: {protocol} fold {fold}: test MAE {m['mae']:.3f}  CS(5) {100 * m['cs5']:.1f}%  "
               f"(mean-age baseline MAE {baseline:.3f}) on {m['n']} test images", flush=True)
     # Every rank waits for the evaluation and gets its results.

@@ -329,3 +329,15 @@ def test_config_file_trains_the_same_run_again(shards, straight, tmp_path, capsy
     assert "bad.json: not an agecl configuration" in capsys.readouterr().err
     assert main(["--epochs", "1"]) == 2
     assert "no shard folder" in capsys.readouterr().err
+
+
+def test_a_failing_chart_does_not_cost_the_run_its_result(shards, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("matplotlib cannot write its font cache")
+
+    monkeypatch.setattr("agecl.train.plots.plot_training_curves", broken)
+    out = tmp_path / "run"
+    results = train(_cfg(shards, out, epochs=1), quiet=True)
+    assert json.loads((out / RESULTS_FILE).read_text())["test_mae"] == results["test_mae"]
+    assert not (out / "curves.png").exists()
+    assert "could not draw curves.png (RuntimeError: matplotlib cannot write its font cache)" in capsys.readouterr().err
