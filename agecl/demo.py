@@ -101,7 +101,7 @@ def run_demo(
     print(
         f"\ndemo: test MAE {mae:.2f} years, CS(5) {100 * results['test_cs5']:.1f}% on {results['n_test']} test faces; "
         f"always guessing the mean training age gives MAE {base:.2f} ({100 * (1 - mae / base):.0f}% lower). "
-        f"Wall time {wall:.0f} s. Run folder: {out}",
+        f"Wall time {wall:.0f} s. Run folder: {out} (training curves: {Path(out) / 'curves.png'})",
         flush=True,
     )
     return {**results, "wall_time_s": wall}
