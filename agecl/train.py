@@ -18,8 +18,9 @@ under bf16 autocast in channels_last, and Adam is fused.
 A run folder `runs/<name>/` holds config.json, metrics.jsonl (one line per log interval and one
 per epoch), checkpoint.pt (every epoch, atomic; `--resume` continues from the next epoch),
 then results.json and predictions.npz (the final epoch's model on the test fold: nothing is
-selected on the test fold) and curves.png (every metric per epoch). `--all-folds` runs every fold in `runs/<name>/fold-<k>/` (a fold with
-results.json is skipped when the command runs again) and aggregates them (agecl.evaluate).
+selected on the test fold) and curves.png (every metric per epoch). `--all-folds` runs every fold
+in `runs/<name>/fold-<k>/` (a fold with results.json is skipped when the command runs again) and
+aggregates them (agecl.evaluate).
 LOPO folds are tiny (one FG-NET person each): `--all-folds --jobs N` trains N folds at once, one
 process each, so that a large GPU is kept busy.
 
@@ -47,8 +48,8 @@ import torch
 
 from agecl import dist
 from agecl import evaluate as ev
-from agecl import plots
 from agecl import format as fmt
+from agecl import plots
 from agecl.atomic import write_json, write_text
 from agecl.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, set_rng_state
 from agecl.config import TrainConfig, apply_overrides, describe, from_dict, to_dict
