@@ -15,6 +15,7 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
   free_kb() { df -Pk "$1" | awk 'NR==2 {print $4}'; }
   here_gb=$(( $(free_kb .) / 1048576 ))
   tmp_dir=${TMPDIR:-/tmp}
+  [ -d "$tmp_dir" ] || tmp_dir=/tmp
   tmp_gb=$(( $(free_kb "$tmp_dir") / 1048576 ))
   if [ "$here_gb" -lt "$NEED_GB" ]; then
     echo "agecl setup: $here_gb GB free in $PWD, but the environment (.venv, with torch's CUDA" \
