@@ -156,12 +156,14 @@ def fold_mean(values: np.ndarray) -> np.ndarray:
         return np.nanmean(values, axis=0)
 
 
+def _uses(curves: Curves, key: str) -> bool:
+    """Whether a run logged `key` as non-zero in some epoch (a loss term it has switched on)."""
+    return bool(np.nan_to_num(curves.values[key]).any())
+
+
 def _shown(curves: Sequence[Curves]) -> list[tuple[str, str]]:
     """The panels worth drawing: a loss term only where some run uses it."""
-    def used(k: str) -> bool:
-        return any(np.nan_to_num(c.values[k]).any() for c in curves)
-
-    return [(k, t) for k, t in CURVE_PANELS if k not in _OPTIONAL or used(k)]
+    return [(k, t) for k, t in CURVE_PANELS if k not in _OPTIONAL or any(_uses(c, k) for c in curves)]
 
 
 def plot_training_curves(runs: Sequence[Path | str | Curves], path: Path | str, labels: Sequence[str] | None = None,
@@ -182,7 +184,7 @@ def plot_training_curves(runs: Sequence[Path | str | Curves], path: Path | str, 
     for ax, (key, panel_title) in zip(axes, panels):
         for i, c in enumerate(curves):
             v = c.values[key]
-            if key in _OPTIONAL and not np.nan_to_num(v).any():
+            if key in _OPTIONAL and not _uses(c, key):
                 continue  # a term this run does not use: no flat line at zero to misread
             color = f"C{i % 10}"
             marker = "o" if len(c.epochs) < 3 else None
