@@ -26,7 +26,12 @@ class DataConfig:
 class LoaderConfig:
     loader: str = "dali"  # "dali" | "torch" (the ordinary DataLoader baseline)
     batch_size: int = 64  # triplets a batch: 3 * batch_size images
-    image_size: int = 224  # side of the crop fed to the network, pixels
+    image_size: int = 224  # side of the training / evaluation crop of the stored face, pixels
+    # Side of the training images the loader delivers (0: the crop itself). The trainer sets it to
+    # the network's input size: a 64 px network then gets 64 px images drawn straight from the
+    # stored face (antialiased resize, then the augmentation warp at about 1:1) rather than 224 px
+    # crops it would shrink itself, 12x fewer pixels warped, moved and resized a step.
+    output_size: int = 0
     flip: str = "horizontal"  # "horizontal" | "vertical" (the paper's literal text) | "none"
     rotate_degrees: float = 5.0  # random affine: rotation range, +-degrees
     translate: float = 0.02  # random affine: shift range, fraction of the side
@@ -58,6 +63,9 @@ class LossConfig:
     triplet: float = 0.0  # lambda_t, margin loss on softmax outputs (0: binary contrast)
     kl: float = 0.0  # KL(s_p || s_a) (the anchor matches the positive), the Eq. 9 ablation alternative to cosine
     margin: float = 0.2  # alpha of Eq. 6, on squared L2 distances between softmax vectors
+    # Which images the age terms (ce, mean, variance) supervise: "anchor" (the paper's) or
+    # "triplet" (anchors, positives and negatives: their forward passes are paid for anyway).
+    supervise: str = "anchor"
 
 
 @dataclass
@@ -72,7 +80,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" (the paper's) | "cosine" (decay to 0 over the run, per step)
     weight_decay: float = 0.0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    precision: str = "auto"  # "auto" (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | "bf16" | "fp32"
     compile: str = "auto"  # "auto" (on for CUDA) | "on" | "off"
     log_every: int = 50  # steps between host syncs for logging
     seed: int = 0

@@ -135,6 +135,8 @@ def _check_config(cfg: LoaderConfig, shards: ShardSet) -> None:
     side = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE))
     if not 0 < cfg.image_size <= side:
         raise ValueError(f"image_size must be in [1, {side}] (the stored faces are {side} px), got {cfg.image_size}")
+    if not 0 <= cfg.output_size <= cfg.image_size:
+        raise ValueError(f"output_size must be in [0, image_size = {cfg.image_size}] (0: the crop itself), got {cfg.output_size}")
     if cfg.batch_size < 1 or cfg.workers < 0 or cfg.prefetch < 1:
         raise ValueError(f"need batch_size >= 1, workers >= 0, prefetch >= 1; got {cfg}")
 
@@ -310,19 +312,58 @@ def augmentation_matrices(n: int, cfg: LoaderConfig, side: int, key: Sequence[in
     return m.astype(np.float32)
 
 
+def output_size(cfg: LoaderConfig) -> int:
+    """Side of the training images the loader delivers: `cfg.output_size`, or the crop when 0."""
+    return cfg.output_size or cfg.image_size
+
+
+def shrink_factor(cfg: LoaderConfig) -> int:
+    """f: the training path shrinks the decoded face by f (antialiased) before its warp when the
+    loader delivers less than the crop; crop / output rounded, so that the warp then samples at
+    0.8-1.33x and never aliases (224 -> 64: f = 4). 1 (no shrink) at full size."""
+    out, crop = output_size(cfg), cfg.image_size
+    return 1 if out >= crop else max(1, int(crop / out + 0.5))
+
+
+def presize_scale(cfg: LoaderConfig, side: int, box: bool) -> float:
+    """q: stored-face coordinates per presized-face coordinate. `box` (agecl.warp's `box_shrink`):
+    exactly f, each small pixel the mean of an f x f block. Otherwise DALI's resize to side // f,
+    which maps the whole extent: side / (side // f)."""
+    f = shrink_factor(cfg)
+    return float(f) if box else side / (side // f)
+
+
+def to_output(matrices: np.ndarray, cfg: LoaderConfig, q: float) -> np.ndarray:
+    """(n, 2, 3) maps of `augmentation_matrices` (stored face -> crop) rewritten in place as maps
+    from the presized face (`presize_scale` q) to the delivered output (`output_size`).
+
+    Every resize here scales continuous coordinates whose pixel centres sit at +0.5 (DALI's
+    resize, `box_shrink`, torch's interpolate with align_corners=False): out = k (A src + t) with
+    src = q src_small and k = output / crop. The same random draws thus give the same
+    augmentation at any output size.
+    """
+    k = output_size(cfg) / cfg.image_size
+    matrices[:, :, :2] *= k * q
+    matrices[:, :, 2] *= k
+    return matrices
+
+
 def warp_op(cfg: LoaderConfig, gpu: bool) -> str:
     """Which op does the DALI training warp: "agecl.warp" (compiled, bilinear, DALI's CPU backend)
     or "warp_affine" (DALI's own: on a GPU, and for nearest-neighbour sampling)."""
     return "agecl.warp" if not gpu and cfg.interpolation == "linear" else "warp_affine"
 
 
-def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None):
+def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None, side: int = fmt.IMAGE_SIZE):
     """The DALI graph from encoded JPEGs to network input, as in NVIDIA's examples.
 
     mode "train": decode, then ONE warp by `matrices` (see `augmentation_matrices`) straight into
     an S x S output, so the warp computes only the pixels that are kept, then
     `crop_mirror_normalize` to normalised float32 NCHW. On DALI's CPU backend with bilinear
-    interpolation, `agecl.warp` does both in one compiled op instead.
+    interpolation, `agecl.warp` does both in one compiled op instead. When the loader delivers
+    less than the crop (`output_size`), the decoded face is first shrunk by `shrink_factor`
+    (antialiased: a box filter inside `agecl.warp` on the CPU, DALI's resize on a GPU) and the
+    warp, by `to_output`'s matrices, writes the small output directly.
     mode "eval": decode, centre crop and normalise in one `crop_mirror_normalize`.
     mode "decode": decode only (the benchmark's decode figure), uint8 HWC.
     Python `if`s choose the graph at build time.
@@ -343,17 +384,23 @@ def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None):
     if mode == "eval":
         return fn.crop_mirror_normalize(images, crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5, **normalise)
 
+    # Shrink before the warp when the output is smaller than the crop, with a filter as wide as
+    # the shrink (antialias): warping 224 px and then resizing to 64 computes 12x the pixels.
+    out, f = output_size(cfg), shrink_factor(cfg)
     if warp_op(cfg, gpu) == "agecl.warp":
         # DALI's own CPU warp is four times the decode's cost; agecl.warp does warp, normalise
-        # and transpose in one compiled pass, on the same matrices with the same convention.
+        # and transpose in one compiled pass, on the same matrices with the same convention
+        # (and the shrink by a box filter, cheaper on a CPU than DALI's resize).
         from .warp import dali_warp_normalise
 
-        return dali_warp_normalise(images, matrices, s)  # (3, S, S) float32
+        return dali_warp_normalise(images, matrices, out, shrink=f)  # (3, O, O) float32
+    if f > 1:
+        images = fn.resize(images, size=[side // f] * 2, antialias=True, interp_type=types.INTERP_LINEAR)
     interp = types.INTERP_LINEAR if cfg.interpolation == "linear" else types.INTERP_NN
     # Float output: no rounding back to uint8 before normalising.
     images = fn.warp_affine(
-        images, matrix=matrices, size=(s, s), inverse_map=False, fill_value=0, interp_type=interp, dtype=types.FLOAT
-    )  # (S, S, 3) float32, 0-255
+        images, matrix=matrices, size=(out, out), inverse_map=False, fill_value=0, interp_type=interp, dtype=types.FLOAT
+    )  # (O, O, 3) float32, 0-255
     return fn.crop_mirror_normalize(images, **normalise)  # (3, S, S) float32
 
 
@@ -365,9 +412,10 @@ class _Feed:
     referenced until the next epoch, since the pipeline reads it without a copy (`no_copy=True`).
     """
 
-    def __init__(self, shards: ShardSet, cfg: LoaderConfig, augment: bool, seed: int, rank: int):
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, augment: bool, seed: int, rank: int, gpu: bool):
         self.shards, self.cfg, self.augment, self.seed, self.rank = shards, cfg, augment, seed, rank
         self.side = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE))
+        self.q = presize_scale(cfg, self.side, box=warp_op(cfg, gpu) == "agecl.warp")
         self.batches: list[np.ndarray] = []
         self.epoch = 0
         self.matrices: dict[int, np.ndarray] = {}
@@ -383,7 +431,8 @@ class _Feed:
         if not self.augment:
             return self.shards.jpegs(ids), ids
         key = (self.seed, self.rank, self.epoch, info.iteration)
-        m = self.matrices[info.iteration] = augmentation_matrices(len(ids), self.cfg, self.side, key)
+        m = augmentation_matrices(len(ids), self.cfg, self.side, key)
+        m = self.matrices[info.iteration] = to_output(m, self.cfg, self.q)
         return self.shards.jpegs(ids), ids, m
 
 
@@ -403,7 +452,7 @@ class _DaliRunner:
             raise ImportError("loader 'dali' needs nvidia-dali-cuda130 (or use loader=torch)") from e
         self.shards, self.cfg, self.device, self.mode = shards, cfg, device, mode
         self.max_batch = max_batch
-        self.feed = _Feed(shards, cfg, augment=mode == "train", seed=cfg.seed, rank=rank)
+        self.feed = _Feed(shards, cfg, augment=mode == "train", seed=cfg.seed, rank=rank, gpu=device.type == "cuda")
         self.pipe = None
         self.open = False  # an epoch has started and not been drained
         self.token = 0  # the epoch a running generator belongs to
@@ -432,7 +481,7 @@ class _DaliRunner:
                 dtype=[types.UINT8, types.INT64, types.FLOAT][: 3 if self.feed.augment else 2],
             )
             jpegs, ids = outputs[0], outputs[1]
-            images = process(jpegs, self.cfg, self.mode, gpu, outputs[2] if self.feed.augment else None)
+            images = process(jpegs, self.cfg, self.mode, gpu, outputs[2] if self.feed.augment else None, self.feed.side)
             return images, (ids.gpu() if gpu else ids)
 
         pipe = graph()
@@ -567,6 +616,8 @@ class _Decoded(torch.utils.data.Dataset):
             elif cfg.flip == "vertical":
                 steps.append(v2.RandomVerticalFlip())
             steps.append(v2.RandomCrop(cfg.image_size))
+            if output_size(cfg) < cfg.image_size:  # the baseline shrinks the crop the ordinary way
+                steps.append(v2.Resize(output_size(cfg), antialias=True))
             self.transform = v2.Compose(steps)
         elif mode == "eval":
             self.transform = v2.CenterCrop(cfg.image_size)

@@ -302,3 +302,100 @@ def test_dali_gpu_matches_cpu(shards):
     c = next(iter(build_train_loader(shards, shards.split_ids("kfold", 0), _cfg("dali")).epoch(0)))
     assert (c.ids.numpy() == b.ids.cpu().numpy()).all()
     assert (b.images.cpu() - c.images).abs().mean() * 0.226 * 255 < 2.0  # nvJPEG vs libjpeg-turbo
+
+
+# --- Delivering less than the crop (the network's input size) -----------------------------------
+
+
+def _textured_shards(root, n=24):
+    """Faces with detail at every scale (noise on ramps): where a loader that aliases or blurs
+    differs from an antialiased resize."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)
+    samples = []
+    for i in range(n):
+        img = np.stack([60 + 0.5 * x, 60 + 0.5 * y, 60 + 0.25 * (x + y)], -1) + rng.normal(0, 25, (SIDE, SIDE, 3))
+        img[80:150, 90:170] = 230
+        jpeg = _jpeg(np.clip(img, 0, 255).astype(np.uint8))
+        samples.append(Sample(age=20 + i % 6, identity=f"p{i % 5}", source=f"p{i % 5}/{i:03d}.jpg", jpeg=jpeg))
+    _write(root, samples)
+    return ShardSet(root)
+
+
+def _reduced_against_full(shards, kind, out, monkeypatch=None):
+    """(mean, 99th percentile) of |loader at `out` px - (loader at the 224 crop, then the model's
+    antialiased resize to `out`)| in standard deviations, on the same triplets and draws."""
+    import torch.nn.functional as F
+
+    ids = np.arange(len(shards))
+    full = build_train_loader(shards, ids, _cfg(kind, image_size=224, batch_size=8))
+    small = build_train_loader(shards, ids, _cfg(kind, image_size=224, output_size=out, batch_size=8))
+    diffs = []
+    for a, b in zip(_epoch(full, 0), _epoch(small, 0)):
+        assert torch.equal(a.ids, b.ids)
+        assert b.images.shape == (a.images.shape[0], 3, out, out) and b.images.dtype == torch.float32
+        ref = F.interpolate(a.images, size=(out, out), mode="bilinear", antialias=True, align_corners=False)
+        diffs.append((ref - b.images).abs().flatten())
+    d = torch.cat(diffs)
+    return d.mean().item(), torch.quantile(d[:: max(1, len(d) // 1_000_000)], 0.99).item()
+
+
+# Tolerances, in standard deviations of the normalised input (1 grey level = 0.017): the reduced
+# path (box filter by f = round(224 / 64) = 4, then the bilinear warp at 0.8-1.33x) against the
+# 224 px warp followed by the model's triangle-filter resize. Measured on these textured faces:
+# mean 0.03-0.04, 99th percentile 0.15-0.2 (fill edges and the block's borders, where two
+# different low-pass filters differ most); an aliasing warp (no shrink first) gives about 3x that.
+REDUCED_MEAN_TOL, REDUCED_P99_TOL = 0.06, 0.3
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_reduced_output_matches_the_full_crop_resized(tmp_path, kind):
+    shards = _textured_shards(tmp_path / "tex")
+    mean, p99 = _reduced_against_full(shards, kind, 64)
+    assert mean < REDUCED_MEAN_TOL and p99 < REDUCED_P99_TOL, (mean, p99)
+
+
+def test_reduced_output_on_the_gpu_graph_run_on_the_cpu(tmp_path, monkeypatch):
+    """The GPU's reduced path (DALI's antialiased resize, then warp_affine) checked on DALI's CPU
+    backend: the same graph with `warp_op` pointing at DALI's ops."""
+    import agecl.loader as loader_module
+
+    monkeypatch.setattr(loader_module, "warp_op", lambda cfg, gpu: "warp_affine")
+    shards = _textured_shards(tmp_path / "tex")
+    mean, p99 = _reduced_against_full(shards, "dali", 64)
+    assert mean < REDUCED_MEAN_TOL and p99 < REDUCED_P99_TOL, (mean, p99)
+
+
+def test_reduced_output_without_the_box_filter_would_alias(tmp_path, monkeypatch):
+    """The tolerance above has teeth: warping straight to 64 px (no shrink first) misses it."""
+    import agecl.loader as loader_module
+
+    monkeypatch.setattr(loader_module, "shrink_factor", lambda cfg: 1)
+    shards = _textured_shards(tmp_path / "tex")
+    mean, p99 = _reduced_against_full(shards, "dali", 64)
+    assert mean > REDUCED_MEAN_TOL or p99 > REDUCED_P99_TOL, (mean, p99)
+
+
+def test_shrink_geometry():
+    from agecl.loader import presize_scale, shrink_factor, to_output
+
+    assert shrink_factor(LoaderConfig(image_size=224)) == 1
+    assert shrink_factor(LoaderConfig(image_size=224, output_size=224)) == 1
+    assert shrink_factor(LoaderConfig(image_size=224, output_size=64)) == 4
+    assert shrink_factor(LoaderConfig(image_size=224, output_size=112)) == 2
+    assert shrink_factor(LoaderConfig(image_size=224, output_size=160)) == 1
+    cfg = LoaderConfig(image_size=224, output_size=64)
+    assert presize_scale(cfg, 256, box=True) == 4.0 and presize_scale(cfg, 256, box=False) == 256 / 64
+    # A pure crop at (16, 16) of the stored face: the small output's pixel (x, y) must sample the
+    # stored face at 224 / 64 times it, plus the crop's corner, whatever the presize.
+    m = np.array([[[1, 0, -16], [0, 1, -16]]], np.float64)
+    for q in (4.0, 256 / 63):
+        t = to_output(m.copy(), cfg, q)[0]
+        src_small = np.array([10.0, 20.0])  # a point of the presized face
+        out = t[:, :2] @ src_small + t[:, 2]
+        np.testing.assert_allclose(out, (src_small * q - 16) * 64 / 224)
+
+
+def test_output_size_larger_than_the_crop_is_refused(shards):
+    with pytest.raises(ValueError, match="output_size"):
+        build_train_loader(shards, np.arange(10), _cfg("dali", output_size=200))

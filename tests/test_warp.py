@@ -105,3 +105,26 @@ def test_matches_dalis_warp_on_training_matrices(flip):
     print(f"max |diff| {diff.max():.4f}, mean {diff.mean():.2e}")
     assert diff.max() < 0.02, diff.max()  # 0.02 of a std is about 1 grey level
     assert diff.mean() < 1e-3, diff.mean()
+
+
+def test_box_shrink_is_the_mean_of_each_block():
+    from agecl.warp import box_shrink
+
+    image = _image(41, 50)  # not multiples of 4: the last 1 row and 2 columns are left out
+    out = box_shrink(image, 4)
+    assert out.shape == (10, 12, 3) and out.dtype == np.float32
+    expected = image[:40, :48].astype(np.float64).reshape(10, 4, 12, 4, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    np.testing.assert_array_equal(box_shrink(image, 1), image.astype(np.float32))
+
+
+def test_shrunk_warp_maps_coordinates_by_exactly_one_over_the_factor():
+    """A warp of the box-shrunk image by matrix / f equals the warp of the block means: shrinking
+    scales continuous coordinates (pixel centres at +0.5) by exactly 1 / f."""
+    from agecl.warp import box_shrink
+
+    image = _image(64, 64)
+    small = box_shrink(image, 4)  # (16, 16, 3)
+    out = np.empty((3, 16, 16), np.float32)
+    warp_normalise(out, small, np.array([[1, 0, 0], [0, 1, 0]], np.float32))
+    np.testing.assert_allclose(out, _normalised(small), atol=1e-4)
