@@ -40,6 +40,7 @@ from agecl.config import LossConfig, TrainConfig
 DEFAULT_MARGIN = 0.2
 
 TERMS = ("ce", "mean", "variance", "cosine", "triplet", "kl")  # = the LossConfig weight fields
+SUPERVISE = ("anchor", "triplet")  # LossConfig.supervise: which images the age terms see
 
 
 def _class_index(probs: torch.Tensor) -> torch.Tensor:
@@ -121,9 +122,10 @@ def age_loss(
     """Every term of Eq. 7 (and Eq. 9) on a concatenated triplet batch, plus their weighted "total".
 
     features (3B, D), logits (3B, A): rows [0, B) are anchors, [B, 2B) positives, [2B, 3B)
-    negatives, in that order. targets: (3B,) or (B,) int64 class indices (age - min_age); only the
-    anchors' B are used (the paper supervises the anchor). `weights` is a LossConfig (ce, mean,
-    variance, cosine, triplet, kl, margin).
+    negatives, in that order. targets: (3B,) or (B,) int64 class indices (age - min_age). The age
+    terms (ce, mean, variance) supervise the anchors alone, as the paper does, or with
+    `weights.supervise == "triplet"` all 3B images (then targets must be (3B,)). `weights` is a
+    LossConfig (ce, mean, variance, cosine, triplet, kl, margin, supervise).
 
     Returns 0-d float32 tensors: the unweighted terms "ce", "mean", "variance", "cosine", "triplet",
     "kl"; "total" = sum of weight * term; and "mae", the anchors' mean |expected - true| age in
@@ -135,16 +137,22 @@ def age_loss(
             f"age_loss: expected 3*batch = {3 * batch} rows (anchors, positives, negatives), "
             f"got features {tuple(features.shape)}, logits {tuple(logits.shape)}"
         )
+    if weights.supervise not in SUPERVISE:
+        raise ValueError(f"loss.supervise must be one of {SUPERVISE}, got {weights.supervise!r}")
+    sup = 3 * batch if weights.supervise == "triplet" else batch  # rows the age terms supervise
+    if targets.shape[0] < sup:
+        raise ValueError(f"age_loss: supervise={weights.supervise!r} needs {sup} targets, got {targets.shape[0]}")
     log_s = F.log_softmax(logits.float(), dim=-1)  # (3B, A) float32 even under bf16 autocast
     s = log_s.exp()
     s_a, s_p, s_n = s[:batch], s[batch : 2 * batch], s[2 * batch :]  # (B, A) each
     y = targets[:batch]  # (B,)
+    y_sup = targets[:sup]  # (B,) or (3B,): the supervised rows' classes
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
 
     terms: dict[str, torch.Tensor] = {}
-    terms["ce"] = F.nll_loss(log_s[:batch], y) if weights.ce else zero  # = cross_entropy(logits[:B], y)
-    terms["mean"] = mean_loss(s_a, y) if weights.mean else zero
-    terms["variance"] = variance_loss(s_a) if weights.variance else zero
+    terms["ce"] = F.nll_loss(log_s[:sup], y_sup) if weights.ce else zero  # = cross_entropy(logits[:sup], y_sup)
+    terms["mean"] = mean_loss(s[:sup], y_sup) if weights.mean else zero
+    terms["variance"] = variance_loss(s[:sup]) if weights.variance else zero
     terms["cosine"] = cosine_loss(features[:batch], features[batch : 2 * batch]) if weights.cosine else zero
     terms["triplet"] = triplet_loss(s_a, s_p, s_n, weights.margin) if weights.triplet else zero
     terms["kl"] = kl_loss(log_s[:batch], log_s[batch : 2 * batch]) if weights.kl else zero
@@ -169,7 +177,8 @@ def age_loss(
 # 1 on FG-NET (Sec. 4). The mv-* rows are the Table 6 ablation; the KL rows replace the cosine
 # term by KL(s_p || s_a) with the cosine's weight (the paper gives no separate weight for it).
 
-_MV = {"ce": 1.0, "mean": 0.2, "variance": 0.05, "cosine": 0.0, "triplet": 0.0, "kl": 0.0, "margin": DEFAULT_MARGIN}
+_MV = {"ce": 1.0, "mean": 0.2, "variance": 0.05, "cosine": 0.0, "triplet": 0.0, "kl": 0.0, "margin": DEFAULT_MARGIN,
+       "supervise": "anchor"}  # the paper supervises the anchor alone
 _LC = {"fgnet": 1.0, "morph": 10.0}  # lambda_c per dataset
 
 PRESETS: dict[str, dict] = {"mv": dict(_MV), "mv-triplet": {**_MV, "triplet": 1.0}}

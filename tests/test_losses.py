@@ -222,6 +222,33 @@ def test_anchor_targets_alone_give_the_same_result():
         assert full[name].item() == anchors[name].item(), name
 
 
+def test_supervising_the_triplet_applies_the_age_terms_to_every_image():
+    features, logits, targets = _batch()
+    weights = dataclasses.replace(ALL_ON, supervise="triplet")
+    out = age_loss(features, logits, targets, weights, B)
+    s = torch.softmax(logits, -1)
+    assert out["ce"].item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert out["mean"].item() == pytest.approx(mean_loss(s, targets).item(), rel=1e-6)
+    assert out["variance"].item() == pytest.approx(variance_loss(s).item(), rel=1e-6)
+    # The contrastive terms and the logged train MAE (anchors) are the same as the paper's.
+    anchor = age_loss(features, logits, targets, ALL_ON, B)
+    for name in ("cosine", "triplet", "kl", "mae"):
+        assert out[name].item() == anchor[name].item(), name
+    assert out["ce"].item() != anchor["ce"].item()
+
+
+def test_supervising_the_triplet_needs_every_target_and_a_known_mode():
+    features, logits, targets = _batch()
+    with pytest.raises(ValueError, match="needs 9 targets"):
+        age_loss(features, logits, targets[:B], dataclasses.replace(ALL_ON, supervise="triplet"), B)
+    with pytest.raises(ValueError, match="supervise"):
+        age_loss(features, logits, targets, dataclasses.replace(ALL_ON, supervise="all"), B)
+
+
+def test_papers_presets_supervise_the_anchor():
+    assert all(values["supervise"] == "anchor" for values in PRESETS.values())
+
+
 @pytest.mark.parametrize("term", TERMS)
 def test_zero_weight_term_contributes_exactly_nothing(term):
     features, logits, targets = _batch(requires_grad=True)
