@@ -592,7 +592,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, help="images a batch (default: 3 x the training batch size)")
     p.add_argument("--workers", type=int, help="loader threads / processes (default: the checkpoint's)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere")
     p.add_argument("--out", help="results folder (default: <checkpoint folder>/eval-<protocol>-fold-<K>); "
                    "--curves: the PNG (default: <RUN_DIR>/curves.png for one run, curves.png for several)")
     return p
@@ -635,9 +635,9 @@ def _evaluate_checkpoint(args) -> dict:
     train_ids = shard_set.split_ids(protocol, fold, "train")
     baseline = mean_age_baseline(shard_set.ages[train_ids], shard_set.ages[test_ids])
 
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    from agecl.train import choose_precision  # here: agecl.train imports this module
+
+    precision, _ = choose_precision(args.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     # The checkpoint's loader settings (crop size, interpolation) so that the test images are
     # prepared as they were during training; only the backend and its threads may change.

@@ -106,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="DALI threads / DataLoader worker processes")
     p.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile model and loss (auto: on for CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA and on CPUs that run it natively (AMX or AVX512-BF16), fp32 elsewhere")
     p.add_argument("--arch", help="backbone: resnet18 (the paper's), resnet34, resnet50, resnet101")
     p.add_argument("--pretrained", nargs="?", const="imagenet", help="backbone weights: imagenet (the paper's; the default when the flag has no value) or a file")
     p.add_argument("--flip", choices=("horizontal", "vertical", "none"), help="random flip (the paper's text says vertical)")
@@ -224,6 +224,10 @@ def resolve(cfg: TrainConfig, shards: ShardSet, fold_dir: bool = False) -> Train
         )
     if cfg.model.input_size <= 0:
         cfg.model.input_size = cfg.loader.image_size
+    if cfg.loader.output_size <= 0:
+        # The loader delivers what the network takes: a 64 px network gets 64 px images drawn
+        # straight from the stored face, not 224 px crops to shrink (agecl.loader.shrink_factor).
+        cfg.loader.output_size = cfg.model.input_size
     if not 0 <= cfg.data.min_age <= cfg.data.max_age:
         raise TrainError(f"age range {cfg.data.min_age}..{cfg.data.max_age}: need 0 <= min_age <= max_age")
     stem = f"{Path(cfg.data.shards).resolve().name}-{cfg.data.protocol}"
@@ -234,17 +238,50 @@ def resolve(cfg: TrainConfig, shards: ShardSet, fold_dir: bool = False) -> Train
     return cfg
 
 
-def _precision(cfg: TrainConfig, device: torch.device) -> str:
-    p = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if p not in ("bf16", "fp32"):
-        raise TrainError(f"precision {cfg.precision!r}: expected auto, bf16 or fp32")
-    return p
+def native_bf16_feature(cpuinfo: str | None = None) -> str | None:
+    """The CPU feature that runs bf16 matrix work natively here ("amx_bf16" or "avx512_bf16", as
+    Linux's /proc/cpuinfo names them), or None. Without one, oneDNN emulates bf16 and a network
+    runs slower in bf16 than in fp32; with one, bf16 is 1.6-2.6x faster (benchmarks/RESULTS.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no cheap way to tell, so the safe choice (fp32) follows
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+def choose_precision(requested: str, device: torch.device, cpuinfo: str | None = None) -> tuple[str, str]:
+    """(precision, why) for `--precision requested` on `device`: "auto" is bf16 on CUDA and on a
+    CPU that runs bf16 natively (`native_bf16_feature`), fp32 elsewhere."""
+    if requested in ("bf16", "fp32"):
+        return requested, "set with --precision"
+    if requested != "auto":
+        raise TrainError(f"precision {requested!r}: expected auto, bf16 or fp32")
+    if device.type == "cuda":
+        return "bf16", "auto: a CUDA GPU"
+    feature = native_bf16_feature(cpuinfo)
+    if feature:
+        return "bf16", f"auto: this CPU runs bf16 natively ({feature})"
+    return "fp32", "auto: this CPU has neither AMX nor AVX512-BF16, so bf16 would be emulated and slower than fp32"
 
 
 def _compile(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.compile not in ("auto", "on", "off"):
         raise TrainError(f"compile {cfg.compile!r}: expected auto, on or off")
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def compile_step(model: torch.nn.Module, loss_fn=age_loss, backend: str = "inductor"):
+    """(compiled model, compiled loss): what the trainer runs when compile is on (by default on
+    CUDA). Each is one whole graph (`fullgraph`: a graph break is a bug, not a slowdown to find
+    later); not the loader, since DALI cannot run inside a CUDA graph. The tests compile this very
+    function on the CPU with a cheap backend and compare it with the eager step."""
+    return (torch.compile(model, backend=backend, fullgraph=True),
+            torch.compile(loss_fn, backend=backend, fullgraph=True))
 
 
 def _template(manifest: dict) -> dict:
@@ -303,8 +340,13 @@ def train_step(model, loss_fn, optimizer, ctx, images, targets, weights, batch: 
 # --- One fold ------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epoch_end=None) -> dict:
     """Train one fold as `cfg` says and evaluate its final model on the test fold.
+
+    on_epoch_end (Python API, one process only; benchmarks/time_to_mae.py): called as
+    `on_epoch_end(epoch, model)` after each epoch's checkpoint with the plain model; a true return
+    value ends the training there (the final evaluation still runs). It must never be used to
+    choose anything on the test fold.
 
     Returns the results dict (what results.json holds: test_mae, test_cs5, mean_age_baseline,
     protocol, fold, ...) on every rank. `resume`: continue from the run folder's checkpoint (a
@@ -321,7 +363,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         device = torch.device("cuda", ddp_info.local_rank)
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     np.random.seed(cfg.seed)
-    precision = _precision(cfg, device)
+    precision, precision_why = choose_precision(cfg.precision, device)
     learning_rate(cfg, 0, 1)  # an unknown schedule fails now, not after the data is set up
     use_compile = _compile(cfg, device)
     if device.type == "cuda":
@@ -383,6 +425,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
         dist.print0(f"resuming {ckpt_path} after epoch {start_epoch} (step {step})")
         del ckpt
     if master:
+        dist.print0(f"precision {precision} ({precision_why})")
         dist.print0(describe(cfg))
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG_FILE, to_dict(cfg))
@@ -398,8 +441,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
     # The model and the loss are compiled separately (not the loader: DALI cannot run inside a CUDA
     # graph). Compile first, then wrap in DDP, as nanoGPT does: DDP around a compiled module lets
     # dynamo split the graph at gradient buckets so all-reduce overlaps the backward pass.
-    model = torch.compile(raw_model) if use_compile else raw_model
-    loss_fn = torch.compile(age_loss) if use_compile else age_loss
+    model, loss_fn = compile_step(raw_model) if use_compile else (raw_model, age_loss)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -492,6 +534,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> dic
                 bar.write(msg, file=sys.stderr)
             else:
                 dist.print0(msg)
+        if on_epoch_end is not None:
+            stop = on_epoch_end(epoch + 1, raw_model)
+            raw_model.train()
+            if stop:
+                break
     if bar is not None:
         bar.close()
     train_time = time.time() - t_start

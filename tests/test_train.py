@@ -65,6 +65,7 @@ def _cfg(shards: str, out: Path, **top) -> TrainConfig:
     cfg.loader.loader, cfg.loader.workers = "torch", 0
     cfg.loader.batch_size, cfg.loader.image_size = 8, 32
     cfg.device, cfg.log_every, cfg.epochs, cfg.out = "cpu", 2, 2, str(out)
+    cfg.precision = "fp32"  # what "auto" picks depends on the CPU; the exact-resume checks need one
     for k, v in top.items():
         setattr(cfg, k, v)
     return cfg
@@ -73,7 +74,7 @@ def _cfg(shards: str, out: Path, **top) -> TrainConfig:
 def _cli(shards: str, out: Path, epochs: int = 2) -> list[str]:
     """The command line of `_cfg(shards, out, epochs=epochs)`."""
     return ["--shards", shards, "--epochs", str(epochs), "--image-size", "32", "--set", "loader.image_size=32",
-            "--batch-size", "8", "--device", "cpu", "--loader", "torch", "--workers", "0", "--log-every", "2",
+            "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--loader", "torch", "--workers", "0", "--log-every", "2",
             "--out", str(out), "--quiet"]  # fmt: skip
 
 
@@ -120,6 +121,7 @@ def test_short_run_lowers_the_loss_and_writes_the_run_folder(straight):
     assert ckpt["epoch"] == 2 and ckpt["step"] == epochs[-1]["step"]
     assert ckpt["config"] == json.loads((out / CONFIG_FILE).read_text())
     assert ckpt["config"]["data"]["protocol"] == "kfold" and ckpt["config"]["model"]["input_size"] == 32
+    assert ckpt["config"]["loader"]["output_size"] == 32  # the loader delivers what the network takes
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
 
 
@@ -166,6 +168,33 @@ def test_unknown_set_key_and_bad_values_are_errors(shards, tmp_path, capsys):
     assert main(["--shards", str(tmp_path / "missing")]) == 2
     assert "no such shard folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_loader_delivers_the_network_input_and_the_run_says_its_precision(shards, tmp_path, capsys):
+    """At --image-size 24 from 48 px crops the loader delivers 24 px images (the model does not
+    resize them), the run prints the precision it chose and why, and on_epoch_end can stop it."""
+    from agecl.model import AgeModel
+
+    seen = []
+    forward = AgeModel.forward
+
+    def spy(self, x):
+        seen.append(tuple(x.shape[-2:]))
+        return forward(self, x)
+
+    cfg = _cfg(shards, tmp_path / "run", epochs=3)
+    cfg.loader.image_size, cfg.model.input_size = 48, 24
+    ticks = []
+    try:
+        AgeModel.forward = spy
+        results = train(cfg, quiet=True, on_epoch_end=lambda epoch, model: ticks.append(epoch) or epoch == 2)
+    finally:
+        AgeModel.forward = forward
+    assert seen[0] == (24, 24)  # training batches: 24 px from the loader; evaluation: 48 px crops resized
+    assert json.loads((tmp_path / "run" / CONFIG_FILE).read_text())["loader"]["output_size"] == 24
+    assert ticks == [1, 2] and results["steps"] == load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)["step"]
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)["epoch"] == 2
+    assert "precision fp32 (set with --precision)" in capsys.readouterr().out
 
 
 def test_config_precedence_preset_then_flags_then_set():

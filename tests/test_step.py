@@ -1,0 +1,90 @@
+"""The training step as the trainer runs it: the precision `auto` chooses, and the compiled step.
+
+On CUDA `agecl-train` compiles the model and the loss (`agecl.train.compile_step`) by default, yet
+no CPU test ran that path before. Here the very same function compiles on the CPU with the cheap
+`aot_eager` backend (dynamo's graph capture and AOTAutograd's joint forward/backward graph, the
+part that breaks when a model or loss has a graph break or a data-dependent branch; only the
+kernel generation of inductor is left out), `fullgraph=True` as in the trainer: its loss and
+gradients must equal the eager step's, and a second step must not recompile.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from agecl.config import LossConfig
+from agecl.losses import PRESETS, age_loss
+from agecl.model import AgeModel
+from agecl.train import TrainError, choose_precision, compile_step, native_bf16_feature, train_step
+
+INTEL_AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+INTEL_AVX512_BF16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+AVX2_ONLY = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert native_bf16_feature(INTEL_AMX) == "amx_bf16"
+    assert native_bf16_feature(INTEL_AVX512_BF16) == "avx512_bf16"
+    assert native_bf16_feature(AVX2_ONLY) is None
+    assert native_bf16_feature("") is None
+
+
+@pytest.mark.parametrize(
+    "requested, device, cpuinfo, expected",
+    [
+        ("auto", "cpu", INTEL_AMX, "bf16"),
+        ("auto", "cpu", INTEL_AVX512_BF16, "bf16"),
+        ("auto", "cpu", AVX2_ONLY, "fp32"),
+        ("auto", "cuda", AVX2_ONLY, "bf16"),
+        ("fp32", "cpu", INTEL_AMX, "fp32"),
+        ("bf16", "cpu", AVX2_ONLY, "bf16"),
+    ],
+)
+def test_precision_auto_follows_the_hardware(requested, device, cpuinfo, expected):
+    precision, why = choose_precision(requested, torch.device(device), cpuinfo)
+    assert precision == expected
+    assert why  # the run prints why: the feature found, or its absence
+    if requested == "auto" and device == "cpu":
+        assert ("natively" in why) == (expected == "bf16")
+
+
+def test_precision_unknown_is_an_error():
+    with pytest.raises(TrainError, match="precision 'fp16'"):
+        choose_precision("fp16", torch.device("cpu"))
+
+
+def _step_inputs(batch=2, side=32, min_age=10, max_age=30):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3 * batch, 3, side, side, generator=g).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, max_age - min_age + 1, (3 * batch,), generator=g)
+    return images, targets
+
+
+@pytest.mark.parametrize("supervise", ["anchor", "triplet"])
+def test_compiled_step_equals_eager_and_does_not_recompile(supervise):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager_model = AgeModel(10, 30, input_size=24).to(memory_format=torch.channels_last)  # resizes 32 -> 24 inside
+    compiled_raw = copy.deepcopy(eager_model)
+    model, loss_fn = compile_step(compiled_raw, backend="aot_eager")
+    weights = LossConfig(**{**PRESETS["paper-fgnet-ternary"], "supervise": supervise})
+    opt_e = torch.optim.Adam(eager_model.parameters(), lr=1e-3)
+    opt_c = torch.optim.Adam(compiled_raw.parameters(), lr=1e-3)
+    ctx = torch.autocast("cpu", enabled=False)
+    b = 2
+    for step in range(2):
+        images, targets = _step_inputs(b)
+        images = images + step  # another batch, the same shapes
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):  # a second step reuses the graphs
+            terms_c = train_step(model, loss_fn, opt_c, ctx, images, targets, weights, b)
+        terms_e = train_step(eager_model, age_loss, opt_e, ctx, images, targets, weights, b)
+        for name in terms_e:
+            torch.testing.assert_close(terms_c[name], terms_e[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        for (name, p_e), p_c in zip(eager_model.named_parameters(), compiled_raw.parameters()):
+            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+            torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
