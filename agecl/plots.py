@@ -3,6 +3,8 @@ no display; each file written atomically).
 
 - `plot_pred_vs_true`, `plot_mae_by_age`: a protocol's pooled test predictions
   (`agecl.evaluate.aggregate`).
+- `plot_time_to_mae`: test MAE against training time, a line a configuration
+  (`benchmarks/time_to_mae.py`).
 - `plot_training_curves`: the per-epoch rows of runs' `metrics.jsonl` (each loss term, train MAE,
   learning rate, images/sec). A protocol run folder (`fold-*/`) is one curve, the mean over its
   folds with a band from the lowest to the highest fold; several runs overlaid compare settings
@@ -216,3 +218,29 @@ def plot_training_curves(runs: Sequence[Path | str | Curves], path: Path | str, 
     fig.tight_layout(rect=(0, 0, 1, top))
     _save_figure(fig, Path(path))
     return curves
+
+
+# --- Time to a given MAE (benchmarks/time_to_mae.py) -------------------------------------------------
+
+
+def plot_time_to_mae(curves: Mapping[str, Sequence[Mapping]], path: Path | str, title: str = "",
+                     target: float | None = None) -> None:
+    """Test MAE against elapsed training time, one line a configuration (points: dicts with
+    "elapsed_s" and "test_mae"), with the target MAE as a dashed line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.2))
+    ax = fig.subplots()
+    for i, (name, points) in enumerate(curves.items()):
+        ax.plot([p["elapsed_s"] / 60 for p in points], [p["test_mae"] for p in points], marker="o", markersize=3,
+                linewidth=1.5, color=f"C{i % 10}", label=f"{name} (final {points[-1]['test_mae']:.2f})")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.2f}")
+    ax.set_xlabel("elapsed training time (minutes; evaluations excluded)")
+    ax.set_ylabel("test MAE (years)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, Path(path))

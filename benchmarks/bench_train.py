@@ -8,8 +8,10 @@ line with loader efficiency (real / ceiling), compile speedup and bf16 speedup.
 
 A variant is MODE-PRECISION-DATA: MODE eager | compiled (torch.compile of model and loss, as
 agecl-train does), PRECISION fp32 | bf16 (autocast), DATA synthetic (fixed tensors on the device:
-no loader, no resize; the ceiling) | dali | torch | real (= --loader) (agecl's training loader, crop `--crop` resized
-to `--image-size` on the device when smaller, exactly as agecl-train feeds the network).
+no loader, no resize; the ceiling) | dali | torch | real (= --loader) (agecl's training loader, exactly as
+agecl-train feeds the network: it delivers `--image-size` images drawn from `--crop` crops; with
+`--model-resize`, the way before the fifth session: the loader delivers the crop and the model
+resizes it on the device, and the synthetic ceiling is a batch of crops the model resizes).
 Defaults: on CUDA every mode and precision on synthetic data plus compiled-bf16 with each loader;
 on CPU eager and compiled fp32 on synthetic data plus eager-fp32 with each loader (bf16 is slower
 than fp32 on CPUs without AMX, faster on those with it: add it with --cpu-bf16 or --variants).
@@ -46,7 +48,7 @@ from agecl.loader import build_train_loader  # noqa: E402
 from agecl.losses import age_loss  # noqa: E402
 from agecl.model import AgeModel  # noqa: E402
 from agecl.reader import ShardSet  # noqa: E402
-from agecl.train import train_step  # noqa: E402
+from agecl.train import compile_step, train_step  # noqa: E402
 
 MODES, PRECISIONS, DATA = ("eager", "compiled"), ("fp32", "bf16"), ("synthetic", "dali", "torch", "real")
 
@@ -99,20 +101,20 @@ class Variant:
             self.data = args.loader
         self.device, self.b, self.s = device, args.batch_size, args.image_size
         torch.manual_seed(0)
-        raw = AgeModel(0, 79, input_size=self.s).to(device, memory_format=torch.channels_last)  # resizes crops to S
+        raw = AgeModel(0, 79, input_size=self.s).to(device, memory_format=torch.channels_last)  # resizes larger inputs to S
         compiled = self.mode == "compiled"
-        self.model = torch.compile(raw) if compiled else raw
-        self.loss_fn = torch.compile(age_loss) if compiled else age_loss
+        self.model, self.loss_fn = compile_step(raw) if compiled else (raw, age_loss)
+        fed = args.crop if args.model_resize else self.s  # the side of the images the model is fed
         self.optimizer = torch.optim.Adam(raw.parameters(), lr=1e-3, fused=device.type == "cuda")
         self.ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         self.weights = LossConfig()
         if self.data == "synthetic":
             # The ceiling: one batch of crops already on the device, reused every step.
             g = torch.Generator(device="cpu").manual_seed(0)
-            images = torch.randn(3 * self.b, 3, args.crop, args.crop, generator=g).to(device)
+            images = torch.randn(3 * self.b, 3, fed, fed, generator=g).to(device)
             self.fixed = (images.contiguous(memory_format=torch.channels_last), torch.randint(0, 80, (3 * self.b,), generator=g).to(device))
         else:
-            lcfg = LoaderConfig(loader=self.data, batch_size=self.b, image_size=args.crop, workers=args.workers)
+            lcfg = LoaderConfig(loader=self.data, batch_size=self.b, image_size=args.crop, output_size=fed, workers=args.workers)
             # drop_last: every step the same shape (no recompiles inside the timing).
             self.loader = build_train_loader(shards, train_ids, lcfg, device, drop_last=True)
             if len(self.loader) == 0:
@@ -131,7 +133,7 @@ class Variant:
             images, targets = self.fixed
         else:
             batch = next(self.batches)
-            images = batch.images.contiguous(memory_format=torch.channels_last)  # (3B, 3, crop, crop)
+            images = batch.images.contiguous(memory_format=torch.channels_last)  # (3B, 3, fed, fed)
             targets = batch.ages.clamp(0, 79)
         train_step(self.model, self.loss_fn, self.optimizer, self.ctx, images, targets, self.weights, self.b)
 
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--image-size", type=int, default=224, help="network input side, pixels")
     p.add_argument("--crop", type=int, default=224, help="loader crop (resized to --image-size when larger)")
+    p.add_argument("--model-resize", action="store_true", help="the loader delivers the crop and the model resizes it "
+                   "(agecl before the fifth session); default: the loader delivers --image-size")
     p.add_argument("--batch-size", type=int, default=64, help="triplets a step")
     p.add_argument("--workers", type=int, default=4, help="loader threads / worker processes")
     p.add_argument("--loader", choices=("dali", "torch"), default="dali", help="the loader of DATA 'real' (default %(default)s)")
@@ -194,6 +198,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "crop": args.crop,
+        "model_resize": args.model_resize,
         "workers": args.workers,
         "steps": args.steps,
         "windows": args.windows,
