@@ -513,7 +513,7 @@ def _write_shards(job: Job, inputs: Inputs | None, out: Path, options: argparse.
         index, n_shards = shards.write_ordered(
             out, samples.ordered(options.shard_size), len(samples), samples.identities, options.shard_size, bar.update
         )
-    except OSError as e:  # a staged chunk changed after it was read (the message names it)
+    except spill.SpillError as e:  # a staged chunk changed after it was read (the message names it)
         raise BuildError(f"{e}; run the same command again") from None
     finally:
         bar.close()

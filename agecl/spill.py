@@ -31,6 +31,10 @@ from . import format as fmt
 from .shards import Sample
 
 
+class SpillError(RuntimeError):
+    """A JPEG is no longer where the spill recorded it (its staged file changed or went away)."""
+
+
 def utf8(text: str) -> bytes:
     """The bytes whose order is the string's order ('surrogatepass': lone surrogates that a
     non-UTF-8 file name decodes to keep their code point order too)."""
@@ -225,7 +229,7 @@ class SampleSpill:
         return Utf8Column(self.sources()[self.order])
 
     def ordered(self, batch: int) -> Iterator[Sample]:
-        """Every sample in shard order, `batch` read at a time (sort() first). Raises OSError
+        """Every sample in shard order, `batch` read at a time (sort() first). Raises SpillError
         naming the staged file when a JPEG is no longer where it was."""
         if self.order is None:
             raise RuntimeError("SampleSpill.ordered() before sort()")
@@ -244,11 +248,14 @@ class SampleSpill:
                         if f is not None:
                             f.close()
                         current = int(files[i])
-                        f = open(self._files[current], "rb")
+                        try:
+                            f = open(self._files[current], "rb")
+                        except OSError as e:
+                            raise SpillError(f"{self._files[current]}: cannot read it back ({e.strerror or e})") from e
                     data = os.pread(f.fileno(), int(sizes[i]), int(offsets[i]))
                     if len(data) != sizes[i]:
-                        raise OSError(f"{self._files[current]}: cut short (a JPEG of {sizes[i]} bytes at "
-                                      f"{offsets[i]} is not all there)")
+                        raise SpillError(f"{self._files[current]}: cut short (a JPEG of {sizes[i]} bytes at "
+                                         f"{offsets[i]} is not all there)")
                     jpegs[i] = data
             finally:
                 if f is not None:
