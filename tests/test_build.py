@@ -290,3 +290,20 @@ def test_fgnet_end_to_end(tmp_path):
     lopo = fmt.load_split(out, "lopo")
     assert sorted(lopo.tolist()) == list(range(m["identities"]))  # one photo a person here: one a fold
     assert _run("--dataset", "fgnet", "--root", photos, "--out", out, "--chunk-size", 8) == 0  # complete
+
+
+def test_chunk_damaged_after_staging_is_named_removed_and_remade(tmp_path, capsys):
+    args = ["--synthetic", 40, "--chunk-size", 8, "--shard-size", 16]
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert _run(*args, "--out", out, "--keep-staging") == 0
+    (out / fmt.MANIFEST_FILE).unlink()
+    chunk = out / build.STAGING_DIR / build.CHUNK_PATTERN.format(2)
+    whole = chunk.read_bytes()
+    chunk.write_bytes(whole[: len(whole) // 2])  # a bad copy, cut short
+    assert _run(*args, "--out", out, "--merge") == 2
+    err = capsys.readouterr().err
+    assert f"{chunk}: unreadable staging chunk" in err and "run the same command again" in err
+    assert not chunk.exists() and not (out / fmt.MANIFEST_FILE).exists()
+    assert _run(*args, "--out", out) == 0  # remakes chunk 2, then the same set as one clean run
+    assert _run(*args, "--out", ref) == 0
+    _assert_same_build(out, ref)
