@@ -4,7 +4,8 @@
       └─ per chunk               decode (align.load_photo) → MTCNN (align.FaceDetector) → choose
                                  one face → five-point warp to 256x256 → JPEG
          └─ <out>/.staging/chunk-NNNNN.tar   the chunk's JPEGs + one chunk.json (samples, rejects)
-      └─ finalize                every chunk → agecl.shards: tars by age, DALI indices, index.npy,
+      └─ finalize                every chunk's labels → agecl.spill (sorted out of memory), then
+                                 agecl.shards a shard at a time: tars by age, DALI indices, index.npy,
                                  identities.json, splits/, rejects.jsonl, manifest.json (last)
 
 Resuming. Each finished chunk is one tar written atomically (agecl.atomic) into the staging
