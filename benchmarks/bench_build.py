@@ -5,7 +5,7 @@
     python benchmarks/bench_build.py --workers 2 -- --dataset fgnet --root data/FGNET/images
 
 Runs the builder (`agecl.build.main`, from whatever `agecl` this Python imports: PYTHONPATH decides,
-so the same script measures another checkout) as a child process and samples, every
+so the same script measures another checkout; the JSON's `agecl` says which) as a child process and samples, every
 `--interval` seconds, the resident memory of that process and all its descendants from /proc:
 `ru_maxrss` would miss the spawned workers. Prints one JSON line:
 
@@ -120,12 +120,14 @@ def main() -> None:
     if not o.synthetic and not o.builder_args:
         p.error("give --synthetic N or, after --, the arguments of a real dataset")
     scratch = None if o.out else tempfile.mkdtemp(prefix="bench_build-")
-    out = Path(o.out or Path(scratch) / "shards")
+    out = Path(o.out or Path(scratch) / "shards").resolve()
     args = [*(["--synthetic", str(o.synthetic)] if o.synthetic else []), "--workers", str(o.workers),
             "--out", str(out), "--quiet", *o.builder_args]
     try:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", _RUN_BUILDER, *args], stdout=subprocess.DEVNULL)
+        # Run in the output's folder: `python -c` puts the working directory first on sys.path, and
+        # a checkout there would shadow the agecl that PYTHONPATH names.
+        proc = subprocess.Popen([sys.executable, "-c", _RUN_BUILDER, *args], stdout=subprocess.DEVNULL, cwd=out.parent)
         mem = TreeMemory(proc.pid, o.interval)
         mem.start()
         rc = proc.wait()
@@ -134,11 +136,11 @@ def main() -> None:
         if rc != 0:
             sys.exit(f"bench_build: the builder exited with {rc}")
         manifest = json.loads((out / "manifest.json").read_text())
+        builder = subprocess.run([sys.executable, "-c", "import agecl; print(agecl.__file__)"], cwd=out.parent,
+                                 capture_output=True, text=True).stdout.strip()
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    import agecl
-
     n = int(manifest["inputs"])
     print(json.dumps({
         "bench": "build",
@@ -155,7 +157,7 @@ def main() -> None:
         "peak_main_rss_mb": round(mem.peak_main / 2**20, 1),
         "peak_processes": mem.peak_processes,
         "memory_samples": mem.samples,
-        "agecl": str(Path(agecl.__file__).resolve().parent),
+        "agecl": str(Path(builder).resolve().parent),  # the builder's code, as its process imports it
         "commit": commit(),
         "python": platform.python_version(),
         "cpu": cpu_name(),
