@@ -4,7 +4,8 @@
       └─ per chunk               decode (align.load_photo) → MTCNN (align.FaceDetector) → choose
                                  one face → five-point warp to 256x256 → JPEG
          └─ <out>/.staging/chunk-NNNNN.tar   the chunk's JPEGs + one chunk.json (samples, rejects)
-      └─ finalize                every chunk → agecl.shards: tars by age, DALI indices, index.npy,
+      └─ finalize                every chunk's labels → agecl.spill (sorted out of memory), then
+                                 agecl.shards a shard at a time: tars by age, DALI indices, index.npy,
                                  identities.json, splits/, rejects.jsonl, manifest.json (last)
 
 Resuming. Each finished chunk is one tar written atomically (agecl.atomic) into the staging
@@ -59,7 +60,7 @@ import numpy as np
 
 from . import __version__
 from . import format as fmt
-from . import shards, splits
+from . import shards, spill, splits
 from .atomic import atomic_path, write_json
 from .datasets import DatasetError, Inputs, Record, read_dataset
 
@@ -245,6 +246,25 @@ def read_chunk(path: Path) -> tuple[dict, list[shards.Sample]]:
     except (OSError, tarfile.TarError, json.JSONDecodeError, KeyError, EOFError) as e:
         raise ChunkError(f"{path}: unreadable staging chunk ({e})") from e
     return meta, samples
+
+
+def chunk_contents(path: Path) -> tuple[dict, list[tuple[int, int]]]:
+    """chunk.json of a staged chunk and, per sample, where its JPEG lies in the chunk's tar (data
+    offset, size): the tar's headers are read, its JPEGs are not. Raises ChunkError."""
+    try:
+        length = path.stat().st_size
+        with tarfile.open(path) as tar:
+            first = tar.next()
+            if first is None or first.name != CHUNK_META:
+                raise ChunkError(f"{path}: first member is not {CHUNK_META}")
+            meta = json.loads(tar.extractfile(first).read())
+            where = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+        jpegs = [where[f"{i:05d}.jpg"] for i in range(len(meta["samples"]))]
+    except (OSError, tarfile.TarError, json.JSONDecodeError, KeyError, EOFError) as e:
+        raise ChunkError(f"{path}: unreadable staging chunk ({e})") from e
+    if any(offset + size > length for offset, size in jpegs):
+        raise ChunkError(f"{path}: unreadable staging chunk (cut short at {length} bytes)")
+    return meta, jpegs
 
 
 def make_chunk(job: Job, j: int, loaded: Sequence | None = None, executor=None) -> tuple[int, int, list[str]]:
@@ -438,6 +458,70 @@ def _format_counts(counts: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
 
 
+def _write_shards(job: Job, inputs: Inputs | None, out: Path, options: argparse.Namespace,
+                  samples: spill.SampleSpill, rejects: spill.Records):
+    """The chunks into `samples` and `rejects`, the accounting, then rejects.jsonl and the shards.
+    Returns (WrittenSamples, rejects, rejects by reason, inputs)."""
+    reasons: Counter = Counter()
+
+    def reject(r: dict) -> None:
+        rejects.add(r["source"], json.dumps(r, sort_keys=True).encode())
+        reasons[r["reason"]] += 1
+
+    for r in inputs.rejects if inputs is not None else ():
+        reject(r)
+    for j in range(job.chunks):
+        path = job.chunk_path(j)
+        try:
+            meta, jpegs = chunk_contents(path)
+        except ChunkError as e:  # damaged after staging (a bad copy between machines?): remake it
+            path.unlink(missing_ok=True)
+            raise BuildError(f"{e}; removed: run the same command again (without --merge) to remake it") from None
+        if meta.get("settings_sha256") != job.settings_sha256 or meta.get("chunk") != j:
+            raise BuildError(f"{path}: made with other settings; use --restart")
+        f = samples.add_file(path)
+        for d, (offset, size) in zip(meta["samples"], jpegs):
+            samples.add(d, f, offset, size)
+        for r in meta["rejects"]:
+            reject(r)
+
+    # Accounting: every input photo is a sample or a reject, source by source. (Not an `assert`:
+    # it must hold under python -O too.) Sorted UTF-8 columns, not a Counter of a million strings.
+    total = inputs.count if inputs is not None else job.synthetic
+    got = np.sort(np.concatenate([samples.sources(), rejects.keys()]))
+    if inputs is not None:
+        names = [r.source for r in inputs.records] + [r["source"] for r in inputs.rejects]
+        expected = np.sort(np.array([spill.utf8(s) for s in names], dtype=bytes)) if names else got[:0]
+        same = len(got) == len(expected) and bool(np.all(got == expected))
+    else:  # synthetic sources are unique by construction
+        same = not np.any(got[1:] == got[:-1])
+        expected = got
+    if len(samples) + len(rejects) != total or not same:
+        lost = [b.decode("utf-8", "surrogatepass") for b in np.setdiff1d(expected, got)[:5].tolist()]
+        raise RuntimeError(
+            f"accounting failed: {len(samples)} samples + {len(rejects)} rejects != {total} inputs"
+            + (f" (e.g. lost: {', '.join(lost)})" if lost else "")
+        )
+    del got, expected
+
+    n_rejects = shards.write_reject_lines(out, rejects.sorted())
+    if not len(samples):
+        raise BuildError(f"no photo became a sample: all {n_rejects} are in {out / fmt.REJECTS_FILE}")
+
+    samples.sort()
+    bar = _bar(len(samples), "writing shards", options.quiet, unit="sample")
+    try:
+        index, n_shards = shards.write_ordered(
+            out, samples.ordered(options.shard_size), len(samples), samples.identities, options.shard_size, bar.update
+        )
+    except spill.SpillError as e:  # a staged chunk changed after it was read (the message names it)
+        raise BuildError(f"{e}; run the same command again") from None
+    finally:
+        bar.close()
+    written = shards.WrittenSamples(index, samples.identities, [], None, n_shards)
+    return written, n_rejects, dict(sorted(reasons.items())), total
+
+
 def finalize(
     job: Job,
     inputs: Inputs | None,
@@ -447,43 +531,15 @@ def finalize(
     warn: Callable[[str], None],
 ) -> dict:
     """Read every staged chunk, check the accounting, write shards, splits, rejects and, last, the
-    manifest. Returns the manifest."""
-    samples: list[shards.Sample] = []
-    rejects: list[dict] = list(inputs.rejects) if inputs is not None else []
-    for j in range(job.chunks):
-        try:
-            meta, chunk_samples = read_chunk(job.chunk_path(j))
-        except ChunkError as e:  # damaged after staging (a bad copy between machines?): remake it
-            job.chunk_path(j).unlink(missing_ok=True)
-            raise BuildError(f"{e}; removed: run the same command again (without --merge) to remake it") from None
-        if meta.get("settings_sha256") != job.settings_sha256 or meta.get("chunk") != j:
-            raise BuildError(f"{job.chunk_path(j)}: made with other settings; use --restart")
-        samples += chunk_samples
-        rejects += meta["rejects"]
+    manifest. Returns the manifest.
 
-    # Accounting: every input photo is a sample or a reject, source by source. (Not an `assert`:
-    # it must hold under python -O too.)
-    total = inputs.count if inputs is not None else job.synthetic
-    got = Counter([s.source for s in samples] + [r["source"] for r in rejects])
-    if inputs is not None:
-        expected = Counter([r.source for r in inputs.records] + [r["source"] for r in inputs.rejects])
-    else:
-        expected = got if len(got) == total else Counter()  # synthetic sources are unique by construction
-    if len(samples) + len(rejects) != total or got != expected:
-        lost = sorted((expected - got).elements())[:5]
-        raise RuntimeError(
-            f"accounting failed: {len(samples)} samples + {len(rejects)} rejects != {total} inputs"
-            + (f" (e.g. lost: {', '.join(lost)})" if lost else "")
-        )
-
-    n_rejects = shards.write_rejects(out, rejects)
-    if not samples:
-        raise BuildError(f"no photo became a sample: all {n_rejects} are in {out / fmt.REJECTS_FILE}")
-
-    bar = _bar(len(samples), "writing shards", options.quiet, unit="sample")
-    written = shards.write_samples(out, samples, options.shard_size, progress=bar.update)
-    bar.close()
-    del samples  # the JPEG bytes: the largest thing held
+    Memory does not grow with the JPEGs: the chunks' labels go to a spill file and compact
+    columns (agecl.spill), sorted there, and the shards are written by reading the JPEGs back from
+    the staged chunks one shard at a time."""
+    staging = Path(job.staging)
+    with spill.SampleSpill(staging) as samples, spill.Records(staging) as rejects:
+        written, n_rejects, reasons, total = _write_shards(job, inputs, out, options, samples, rejects)
+        sources = samples.sorted_sources() if options.split_file else None
 
     ages, identities = written.index["age"], written.index["identity"]
     made: dict[str, tuple[np.ndarray, dict]] = {}
@@ -496,7 +552,7 @@ def finalize(
             warn(f"warning: split {name!r} not written: {e}")
     if options.split_file:
         entries = splits.read_split_list(options.split_file)
-        folds, info = splits.import_split(written.sources, entries, str(options.split_file))
+        folds, info = splits.import_split(sources, entries, str(options.split_file))
         info.update({k: v for k, v in splits.describe(folds, ages, identities).items() if k not in info})
         made[options.split_name] = folds, info
         if info["missing"]:
@@ -518,7 +574,6 @@ def finalize(
     if default not in made:  # e.g. kfold of a set with fewer persons than folds
         default = next(iter(made), None)
         warn(f"warning: default protocol is {default!r}: {splits.default_protocol(job.dataset)!r} was not written")
-    reasons = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     manifest_fields = {
         **fields,
         "inputs": total,

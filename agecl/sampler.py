@@ -328,8 +328,8 @@ class TripletSampler:
         info[:, _ID_BEFORE] = where_in_idlist[cell] - id_start[sorted_id]
         info[:, _AGE] = sorted_age
 
-        wide = info.astype(np.int64)
-        neg_count = n_all - wide[:, _BUCKET_LEN] - (wide[:, _ID_LEN] - wide[:, _CELL_LEN])
+        # int64 from the source columns (not a widened copy of the whole table: 64 bytes a sample).
+        neg_count = n_all - age_count[sorted_age] - (id_count[sorted_id] - cell_len)
         if (neg_count <= 0).any():
             i = int(order[np.argmax(neg_count <= 0)])
             raise ValueError(

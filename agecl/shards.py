@@ -9,6 +9,7 @@ removed first, so a folder with a manifest is always a complete, consistent set.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -48,8 +49,8 @@ class WrittenSamples:
 
     index: np.ndarray  # INDEX_DTYPE
     identities: list[str]  # index["identity"] indexes this
-    sources: list[str]
-    keys: list[str]
+    sources: Sequence[str]
+    keys: Sequence[str] | None  # None where the builder did not keep them (agecl.spill)
     shards: int
 
 
@@ -92,31 +93,55 @@ def dali_index_text(rows: list[list[tuple[str, int, int, str]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_samples(out: Path | str, samples: Iterable[Sample], shard_size: int = 1000, progress=None) -> WrittenSamples:
-    """Sort samples by (age, identity, source), write them in shards of `shard_size`, with their
-    DALI indices, then `index.npy` and `identities.json`. Removes the manifest first (the set is
-    incomplete until `write_manifest`) and any shard left over from a larger earlier build."""
-    out = Path(out)
+def _begin(out: Path, shard_size: int) -> None:
+    """Removes the manifest first: the set is incomplete until `write_manifest`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / fmt.MANIFEST_FILE).unlink(missing_ok=True)
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+
+
+def write_samples(out: Path | str, samples: Iterable[Sample], shard_size: int = 1000, progress=None) -> WrittenSamples:
+    """Sort samples by (age, identity, source), write them in shards of `shard_size`, with their
+    DALI indices, then `index.npy` and `identities.json`. Removes the manifest first (the set is
+    incomplete until `write_manifest`) and any shard left over from a larger earlier build.
+
+    Holds every sample: the builder sorts out of memory (`agecl.spill`) and calls `write_ordered`."""
+    out = Path(out)
+    _begin(out, shard_size)
     ordered = sorted(samples, key=Sample.sort_key)
     keys = [s.key for s in ordered]
     if len(set(keys)) != len(keys):
         dup = next(k for i, k in enumerate(keys) if k in keys[:i])
         raise ValueError(f"two samples share the key {dup!r}: sources must be unique")
     identities = sorted({s.identity for s in ordered})
+    index, shards = write_ordered(out, ordered, len(ordered), identities, shard_size, progress)
+    return WrittenSamples(index, identities, [s.source for s in ordered], keys, shards)
+
+
+def write_ordered(
+    out: Path | str, ordered: Iterable[Sample], n: int, identities: Sequence[str], shard_size: int = 1000, progress=None
+) -> tuple[np.ndarray, int]:
+    """Write n samples that come already in (age, identity, source) order, one shard at a time (a
+    shard's samples are all that is held), with their DALI indices, then `index.npy` and
+    `identities.json` (`identities`: the sorted distinct identities). Returns (index, shards)."""
+    out = Path(out)
+    _begin(out, shard_size)
     identity_id = {name: i for i, name in enumerate(identities)}
-    index = np.zeros(len(ordered), dtype=fmt.INDEX_DTYPE)
-    shards = -(-len(ordered) // shard_size)
+    index = np.zeros(n, dtype=fmt.INDEX_DTYPE)
+    shards = -(-n // shard_size)
+    samples = iter(ordered)
     for shard in range(shards):
-        lo, hi = shard * shard_size, min(len(ordered), (shard + 1) * shard_size)
-        rows = write_tar(fmt.shard_path(out, shard), ordered[lo:hi])
+        lo, hi = shard * shard_size, min(n, (shard + 1) * shard_size)
+        batch = list(itertools.islice(samples, hi - lo))
+        if len(batch) != hi - lo:
+            raise ValueError(f"write_ordered: {lo + len(batch)} samples came, {n} were announced")
+        rows = write_tar(fmt.shard_path(out, shard), batch)
         write_text(fmt.dali_index_path(out, shard), dali_index_text(rows))
-        for i, (s, members) in enumerate(zip(ordered[lo:hi], rows), start=lo):
+        for i, (s, members) in enumerate(zip(batch, rows), start=lo):
             _, offset, size, _ = members[0]  # the .jpg member
             index[i] = (shard, offset, size, s.age, identity_id[s.identity])
+        del batch, rows  # before the next shard's JPEGs come in
         if progress is not None:
             progress(hi - lo)
     # Shards of an earlier, larger build of this folder would be read by glob-based tools.
@@ -127,8 +152,8 @@ def write_samples(out: Path | str, samples: Iterable[Sample], shard_size: int = 
     with atomic_path(out / fmt.INDEX_FILE) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, index)
-    write_json(out / fmt.IDENTITIES_FILE, identities, indent=None)
-    return WrittenSamples(index, identities, [s.source for s in ordered], keys, shards)
+    write_json(out / fmt.IDENTITIES_FILE, list(identities), indent=None)
+    return index, shards
 
 
 def write_split(out: Path | str, name: str, folds: np.ndarray, info: dict) -> None:
@@ -145,10 +170,21 @@ def write_split(out: Path | str, name: str, folds: np.ndarray, info: dict) -> No
 
 def write_rejects(out: Path | str, rejects: Iterable[dict]) -> int:
     """Write the rejects report, one JSON line per input that did not become a sample
-    (at least `source` and `reason`). Returns the count."""
+    (at least `source` and `reason`), in source order. Returns the count."""
     rejects = sorted(rejects, key=lambda r: r["source"])
-    write_text(Path(out) / fmt.REJECTS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
-    return len(rejects)
+    return write_reject_lines(out, (json.dumps(r, sort_keys=True) for r in rejects))
+
+
+def write_reject_lines(out: Path | str, lines: Iterable[str | bytes]) -> int:
+    """Write the rejects report from its lines (JSON, already in source order, without the
+    newline), streaming. Returns the count."""
+    count = 0
+    with atomic_path(Path(out) / fmt.REJECTS_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            for line in lines:
+                f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+                count += 1
+    return count
 
 
 def age_histogram(ages: np.ndarray) -> dict[str, int]:

@@ -236,30 +236,34 @@ def import_split(sources: Sequence[str], entries: Sequence[tuple[str, int]], ori
         label_of[b] = label
     labels = sorted({v for v in label_of.values() if v >= 0})
     renumber = {v: i for i, v in enumerate(labels)}
-    bases = [_base(s) for s in sources]
-    folds = np.array([renumber.get(label_of.get(b, -1), -1) for b in bases], np.int64)
-    matched_names = {b for b in bases if b in label_of}
-    if not matched_names:
+    # One pass over the samples; what is kept besides the folds is bounded by the list's length.
+    folds = np.full(len(sources), -1, np.int64)
+    counts: dict[str, int] = {}  # samples of each listed name that matched
+    for i, source in enumerate(sources):
+        b = _base(source)
+        label = label_of.get(b)
+        if label is not None:
+            counts[b] = counts.get(b, 0) + 1
+            folds[i] = renumber.get(label, -1)
+    if not counts:
         example = sources[0] if len(sources) else "none"
         raise SplitError(
             f"{origin}: none of its {len(label_of)} file names matches a sample (e.g. sample {example!r}, "
             f"listed {entries[0][0]!r})"
         )
-    unknown = sorted(n for n in label_of if n not in matched_names)
-    counts: dict[str, int] = {}
-    for b in bases:
-        counts[b] = counts.get(b, 0) + 1
-    missing = int(sum(1 for b in bases if b not in label_of))
+    unknown = sorted(n for n in label_of if n not in counts)
+    matched = sum(counts.values())
+    missing = len(sources) - matched
     info = {
         "protocol": "import",
         "level": "list",
         "source": str(origin),
         "fold_labels": labels,
         "listed": len(label_of),
-        "matched": int(sum(1 for b in bases if b in label_of)),
+        "matched": int(matched),
         "missing": missing,
         "unknown": len(unknown),
         "unknown_examples": unknown[:10],
-        "ambiguous": int(sum(1 for b in matched_names if counts[b] > 1)),
+        "ambiguous": int(sum(1 for c in counts.values() if c > 1)),
     }
     return folds, info

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agecl import build
+from agecl import build, shards
 from agecl import format as fmt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +109,20 @@ def test_synthetic_same_format_manifest_and_splits(tmp_path):
         assert np.unique(folds[index["identity"] == p]).size == 1
     assert not (tmp_path / build.STAGING_DIR).exists()
     _no_leftovers(tmp_path)
+
+
+def test_streamed_final_pass_equals_the_in_memory_writer(tmp_path):
+    # Chunks and shards of a few samples: the final pass holds one shard, never the whole set.
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert _run("--synthetic", 90, "--out", out, "--chunk-size", 4, "--shard-size", 7, "--keep-staging") == 0
+    samples = []
+    for p in sorted((out / build.STAGING_DIR).glob("chunk-*.tar")):
+        samples += build.read_chunk(p)[1]
+    assert len(samples) == 90
+    w = shards.write_samples(ref, samples, shard_size=7)
+    assert w.shards == 13 == fmt.load_manifest(out)["shards"]
+    for p in sorted(ref.iterdir()):
+        assert p.read_bytes() == (out / p.name).read_bytes(), p.name
 
 
 # The builder, but each generated sample takes 20 ms more: time for the test to kill it halfway.
@@ -276,3 +290,20 @@ def test_fgnet_end_to_end(tmp_path):
     lopo = fmt.load_split(out, "lopo")
     assert sorted(lopo.tolist()) == list(range(m["identities"]))  # one photo a person here: one a fold
     assert _run("--dataset", "fgnet", "--root", photos, "--out", out, "--chunk-size", 8) == 0  # complete
+
+
+def test_chunk_damaged_after_staging_is_named_removed_and_remade(tmp_path, capsys):
+    args = ["--synthetic", 40, "--chunk-size", 8, "--shard-size", 16]
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert _run(*args, "--out", out, "--keep-staging") == 0
+    (out / fmt.MANIFEST_FILE).unlink()
+    chunk = out / build.STAGING_DIR / build.CHUNK_PATTERN.format(2)
+    whole = chunk.read_bytes()
+    chunk.write_bytes(whole[: len(whole) // 2])  # a bad copy, cut short
+    assert _run(*args, "--out", out, "--merge") == 2
+    err = capsys.readouterr().err
+    assert f"{chunk}: unreadable staging chunk" in err and "run the same command again" in err
+    assert not chunk.exists() and not (out / fmt.MANIFEST_FILE).exists()
+    assert _run(*args, "--out", out) == 0  # remakes chunk 2, then the same set as one clean run
+    assert _run(*args, "--out", ref) == 0
+    _assert_same_build(out, ref)
