@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from agecl.format import DEFAULT_COVERAGE, IMAGE_SIZE, face_template
+from agecl.format import DEFAULT_BORDER, DEFAULT_COVERAGE, IMAGE_SIZE, face_template
 
 # Reject reasons, written to rejects.jsonl by the shard builder. PhotoError.reason is one of the
 # first six; align_* adds NO_FACE.
@@ -411,15 +411,16 @@ def alignment_matrix(points5: np.ndarray, size: int = IMAGE_SIZE, coverage: floa
 _BORDERS = {"reflect": cv2.BORDER_REFLECT_101, "replicate": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT}
 
 
-def warp_face(image: np.ndarray, matrix: np.ndarray, size: int = IMAGE_SIZE, border: str = "reflect") -> np.ndarray:
+def warp_face(image: np.ndarray, matrix: np.ndarray, size: int = IMAGE_SIZE, border: str = DEFAULT_BORDER) -> np.ndarray:
     """Apply a (2, 3) photo->face matrix to an (H, W, 3) uint8 photo: (size, size, 3) uint8, bilinear.
 
-    border: what fills the frame beyond the photo's edge. "reflect" (default) mirrors the photo;
-    "replicate" smears its edge pixels; "constant" is black. Not black, because black wedges
-    survive the training crop as a sharp, learnable mark of how tightly the source photo was
-    framed (FG-NET's adult photos are tight crops, its children's are not): a cue for age that
-    is not in the face. Reflection can mirror a sliver of face or hair instead, which is softer
-    and textured like the rest of the photo. `AlignedFace.outside` records how much was filled.
+    border: what fills the frame beyond the photo's edge (format.BORDERS). "reflect" (the default)
+    mirrors the photo; "replicate" smears its edge pixels; "constant" is black, as insightface's
+    norm_crop, Paplham & Franc's benchmark and deepface pad. Black wedges survive the training crop
+    as a sharp mark of how tightly the source photo was framed (FG-NET's adult photos are tight
+    crops, its children's are not), a cue for age that is not in the face; reflection instead
+    paints mirrored eyes and half-faces into tight crops. Which costs less MAE is measured, not
+    assumed (issue 10). `AlignedFace.outside` records how much of the frame was filled.
     """
     _check_image(image)
     m = np.asarray(matrix, np.float64).reshape(2, 3)
@@ -459,7 +460,7 @@ def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def align_face(
     image: np.ndarray, points5: np.ndarray, size: int = IMAGE_SIZE, coverage: float = DEFAULT_COVERAGE,
-    border: str = "reflect",
+    border: str = DEFAULT_BORDER,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Warp a photo so its five landmarks land on the template.
 
@@ -501,7 +502,7 @@ class Rejected:
 
 def align_detected(
     image: np.ndarray, faces: Faces, size: int = IMAGE_SIZE, coverage: float = DEFAULT_COVERAGE,
-    name: str = "<image>", border: str = "reflect",
+    name: str = "<image>", border: str = DEFAULT_BORDER,
 ) -> AlignedFace | Rejected:
     """Choose the subject among `faces` (found in `image`) and align it; Rejected when there is none."""
     k = choose_face(faces, image.shape)
@@ -526,7 +527,7 @@ def align_detected(
 
 def align_batch(
     images: Sequence[np.ndarray], detector: FaceDetector, size: int = IMAGE_SIZE,
-    coverage: float = DEFAULT_COVERAGE, names: Sequence[str] | None = None, border: str = "reflect",
+    coverage: float = DEFAULT_COVERAGE, names: Sequence[str] | None = None, border: str = DEFAULT_BORDER,
 ) -> list[AlignedFace | Rejected]:
     """Detect (one batched pass), choose and align the subject of each photo: AlignedFace or Rejected."""
     names = names if names is not None else [f"<image {i}>" for i in range(len(images))]
@@ -538,7 +539,7 @@ def align_batch(
 
 def align_photo(
     image: np.ndarray, detector: FaceDetector, size: int = IMAGE_SIZE, coverage: float = DEFAULT_COVERAGE,
-    name: str = "<image>", border: str = "reflect",
+    name: str = "<image>", border: str = DEFAULT_BORDER,
 ) -> AlignedFace:
     """Align the subject of one photo. Raises NoFaceError when there is none."""
     (r,) = align_batch([image], detector, size, coverage, [name], border)
@@ -549,7 +550,7 @@ def align_photo(
 
 def align_files(
     paths: Sequence[Path | str], detector: FaceDetector, size: int = IMAGE_SIZE,
-    coverage: float = DEFAULT_COVERAGE, border: str = "reflect",
+    coverage: float = DEFAULT_COVERAGE, border: str = DEFAULT_BORDER,
 ) -> list[AlignedFace | Rejected]:
     """load_photo + align_batch over files; unreadable files become Rejected with PhotoError's reason."""
     out: list[AlignedFace | Rejected | None] = [None] * len(paths)

@@ -10,7 +10,7 @@
 
 Resuming. Each finished chunk is one tar written atomically (agecl.atomic) into the staging
 folder, so a killed run loses at most the chunks in flight. `.staging/settings.json` records what
-the chunks depend on (dataset, a hash of the labelled inputs, chunk size, coverage, detector
+the chunks depend on (dataset, a hash of the labelled inputs, chunk size, coverage, border, detector
 settings, JPEG quality, seed, N for --synthetic); running the same command again skips the
 finished chunks, makes the others and finalizes. A run whose settings differ is refused (use
 --restart to wipe the staging folder). Every chunk also carries the settings' hash, so a chunk
@@ -29,6 +29,11 @@ chunks into one folder and finalize there with --merge and the same dataset argu
 
 The result equals that of one run: the chunks are the same whoever makes them. (Byte-identical
 JPEGs need the same detector arithmetic: the same device type and library versions.)
+
+Border. Where the aligned crop runs past the photo's edge, --border fills it (align.warp_face):
+reflect (the default), replicate or constant (black). The manifest's "template" records the choice
+(training copies it into the checkpoint, and agecl-predict / agecl-explain align with it), every
+sample's JSON its "outside" share of the frame, and the manifest their histogram ("outside").
 
 Accounting. Every input photo ends as a sample or in rejects.jsonl with a reason: a bad label
 (agecl.datasets), a file that does not decode ("missing", "empty-file", "not-an-image",
@@ -51,6 +56,7 @@ import shutil
 import sys
 import tarfile
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +68,7 @@ from . import __version__
 from . import format as fmt
 from . import shards, spill, splits
 from .atomic import atomic_path, write_json
-from .datasets import DatasetError, Inputs, Record, read_dataset
+from .datasets import AAF_SPLIT, DATASETS, DatasetError, Inputs, Record, read_dataset
 
 STAGING_DIR = ".staging"
 SETTINGS_FILE = "settings.json"
@@ -98,6 +104,7 @@ class Job:
     coverage: float
     jpeg_quality: int
     detector: object | None  # align.FaceDetector; None for synthetic
+    border: str = fmt.DEFAULT_BORDER  # what fills the frame beyond the photo's edge
 
     @property
     def total(self) -> int:
@@ -163,7 +170,9 @@ def photo_chunk(job: Job, records: Sequence[Record], loaded: Sequence, executor=
     rejects = [x for x in loaded if isinstance(x, dict)]
     ok = [(r, x) for r, x in zip(records, loaded) if not isinstance(x, dict)]
     # One call for the whole chunk: the detector batches photos of equal reduced size.
-    results = align_batch([x for _, x in ok], job.detector, fmt.IMAGE_SIZE, job.coverage, [r.source for r, _ in ok])
+    results = align_batch(
+        [x for _, x in ok], job.detector, fmt.IMAGE_SIZE, job.coverage, [r.source for r, _ in ok], job.border
+    )
     faces = [(r, a) for (r, _), a in zip(ok, results) if isinstance(a, AlignedFace)]
     for (r, _), a in zip(ok, results):
         if not isinstance(a, AlignedFace):
@@ -178,6 +187,7 @@ def photo_chunk(job: Job, records: Sequence[Record], loaded: Sequence, executor=
             "faces": int(a.n_faces),  # faces found in the photo; the chosen one is aligned
             "outside": round(float(a.outside), 3),  # share of the aligned frame beyond the photo's edge
             "fallback": bool(a.fallback),  # found only by the detector's second, larger pass
+            **(r.meta or {}),  # labels the dataset gives beyond age and identity (AAF's gender)
         }
         samples.append(shards.Sample(r.age, r.identity, r.source, jpeg, meta))
     return samples, rejects
@@ -461,8 +471,9 @@ def _format_counts(counts: dict) -> str:
 def _write_shards(job: Job, inputs: Inputs | None, out: Path, options: argparse.Namespace,
                   samples: spill.SampleSpill, rejects: spill.Records):
     """The chunks into `samples` and `rejects`, the accounting, then rejects.jsonl and the shards.
-    Returns (WrittenSamples, rejects, rejects by reason, inputs)."""
+    Returns (WrittenSamples, rejects, rejects by reason, inputs, the manifest's "outside" summary)."""
     reasons: Counter = Counter()
+    outside = array("d")  # each sample's share of the frame beyond the photo: 8 bytes a sample
 
     def reject(r: dict) -> None:
         rejects.add(r["source"], json.dumps(r, sort_keys=True).encode())
@@ -482,6 +493,7 @@ def _write_shards(job: Job, inputs: Inputs | None, out: Path, options: argparse.
         f = samples.add_file(path)
         for d, (offset, size) in zip(meta["samples"], jpegs):
             samples.add(d, f, offset, size)
+            outside.append(float(d["meta"].get("outside", 0.0)))
         for r in meta["rejects"]:
             reject(r)
 
@@ -519,7 +531,7 @@ def _write_shards(job: Job, inputs: Inputs | None, out: Path, options: argparse.
     finally:
         bar.close()
     written = shards.WrittenSamples(index, samples.identities, [], None, n_shards)
-    return written, n_rejects, dict(sorted(reasons.items())), total
+    return written, n_rejects, dict(sorted(reasons.items())), total, outside_histogram(outside)
 
 
 def finalize(
@@ -537,9 +549,10 @@ def finalize(
     columns (agecl.spill), sorted there, and the shards are written by reading the JPEGs back from
     the staged chunks one shard at a time."""
     staging = Path(job.staging)
+    imports = bool(options.split_file or (inputs is not None and inputs.published_splits))
     with spill.SampleSpill(staging) as samples, spill.Records(staging) as rejects:
-        written, n_rejects, reasons, total = _write_shards(job, inputs, out, options, samples, rejects)
-        sources = samples.sorted_sources() if options.split_file else None
+        written, n_rejects, reasons, total, outside = _write_shards(job, inputs, out, options, samples, rejects)
+        sources = samples.sorted_sources() if imports else None
 
     ages, identities = written.index["age"], written.index["identity"]
     made: dict[str, tuple[np.ndarray, dict]] = {}
@@ -550,16 +563,20 @@ def finalize(
         except splits.SplitError as e:  # e.g. 5 folds of a set with 3 persons: the others still help
             skipped[name] = str(e)
             warn(f"warning: split {name!r} not written: {e}")
+    imported = [(p.name, p.origin, p.entries, {"fold_meaning": {str(k): v for k, v in p.folds.items()}})
+                for p in (inputs.published_splits if inputs is not None else [])]
     if options.split_file:
-        entries = splits.read_split_list(options.split_file)
-        folds, info = splits.import_split(sources, entries, str(options.split_file))
+        imported.append((options.split_name, str(options.split_file), splits.read_split_list(options.split_file), {}))
+    for name, origin, entries, extra in imported:
+        folds, info = splits.import_split(sources, entries, origin)
+        info.update(extra)
         info.update({k: v for k, v in splits.describe(folds, ages, identities).items() if k not in info})
-        made[options.split_name] = folds, info
+        made[name] = folds, info
         if info["missing"]:
-            warn(f"warning: split {options.split_name!r}: {info['missing']} sample(s) are not in {options.split_file} (fold -1)")
+            warn(f"warning: split {name!r}: {info['missing']} sample(s) are not in {origin} (fold -1)")
         if info["unknown"]:
             warn(
-                f"warning: split {options.split_name!r}: {info['unknown']} name(s) in {options.split_file} match no sample "
+                f"warning: split {name!r}: {info['unknown']} name(s) in {origin} match no sample "
                 f"(e.g. {', '.join(info['unknown_examples'][:3])})"
             )
     splits_dir = out / fmt.SPLITS_DIR
@@ -579,6 +596,7 @@ def finalize(
         "inputs": total,
         "rejects": n_rejects,
         "rejects_by_reason": reasons,
+        "outside": outside,
         "default_protocol": default,
         "splits": list(made),
         **({"splits_skipped": skipped} if skipped else {}),
@@ -589,6 +607,19 @@ def finalize(
     return shards.write_manifest(out, written, **manifest_fields)
 
 
+def outside_histogram(shares: Sequence[float]) -> dict:
+    """The manifest's summary of the samples' "outside" shares: counts between format.OUTSIDE_EDGES
+    (the last bin includes 1), the mean, and how many exceed 10 % of the frame."""
+    x = np.asarray(shares, np.float64)
+    counts, _ = np.histogram(x, bins=fmt.OUTSIDE_EDGES)
+    return {
+        "edges": list(fmt.OUTSIDE_EDGES),
+        "counts": counts.tolist(),
+        "mean": round(float(x.mean()), 4) if x.size else None,
+        "over_10pct": int((x > 0.1).sum()),
+    }
+
+
 # --- the command --------------------------------------------------------------------------------------
 
 EXAMPLES = """\
@@ -596,6 +627,7 @@ examples:
   python tools/make_shards.py --dataset fgnet --root data/FGNET/images --out shards/fgnet
   python tools/make_shards.py --dataset morph --csv data/morph/morph_2008_nonCommercial.csv --out shards/morph
   python tools/make_shards.py --dataset utkface --root data/UTKFace --out shards/utkface --device cuda --workers 8
+  python tools/make_shards.py --dataset aaf --root data/aaf/images --out shards/aaf --border constant
   python tools/make_shards.py --dataset csv --csv labels.csv --path-column file --age-column age \\
       --identity-column person --out shards/mine
   python tools/make_shards.py --synthetic 2000 --out shards/synthetic
@@ -626,7 +658,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("input")
-    src.add_argument("--dataset", choices=("fgnet", "morph", "utkface", "csv"), help="reader of the raw dataset")
+    src.add_argument("--dataset", choices=DATASETS, help="reader of the raw dataset")
     src.add_argument("--root", help="photo folder (morph, csv: base of relative paths; default the CSV's folder)")
     src.add_argument("--csv", help="label file (morph: the album CSV; csv: path, age, identity columns)")
     src.add_argument("--path-column", help="CSV column of the photo path (default: morph 'photo', csv 'path')")
@@ -639,6 +671,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     outg.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY, help="JPEG quality 1-100 (default %(default)s)")
     outg.add_argument("--coverage", type=float, default=fmt.DEFAULT_COVERAGE,
                       help="crop side / ArcFace crop side (default %(default)s: forehead and chin in view)")
+    outg.add_argument("--border", choices=fmt.BORDERS, default=fmt.DEFAULT_BORDER,
+                      help="what fills the aligned crop beyond the photo's edge: reflect (mirror the photo), "
+                      "replicate (repeat its edge pixels) or constant (black) (default %(default)s)")
     outg.add_argument("--seed", type=int, default=0, help="seed of the splits and of --synthetic (default %(default)s)")
     outg.add_argument("--folds", type=int, default=DEFAULT_FOLDS, help="folds of rs, se, kfold (default %(default)s)")
     outg.add_argument("--split-file", help="a published split list: lines 'file_name fold' or 'file_name,fold'")
@@ -708,6 +743,8 @@ def _check_options(o: argparse.Namespace) -> None:
     if o.split_file:
         o.split_name = o.split_name or Path(o.split_file).stem
         splits.check_split_name(o.split_name)
+        if o.dataset == "aaf" and o.split_name == AAF_SPLIT:
+            raise BuildError(f"split name {o.split_name!r} is AAF's own split (written from its lists); choose another --split-name")
 
 
 def _resolve_device(device: str) -> str:
@@ -773,6 +810,9 @@ def build(o: argparse.Namespace) -> int:
         "chunk_size": o.chunk_size,
         "image_size": fmt.IMAGE_SIZE,
         "coverage": o.coverage,
+        # Only when not the default, so that sets and staging folders made before --border existed
+        # (all reflected) keep their settings hash and stay complete or resumable.
+        **({"border": o.border} if o.border != fmt.DEFAULT_BORDER else {}),
         "detector": detector.settings() if detector else None,
         "jpeg_quality": o.jpeg_quality,
     }
@@ -824,6 +864,7 @@ def build(o: argparse.Namespace) -> int:
             coverage=o.coverage,
             jpeg_quality=o.jpeg_quality,
             detector=detector,
+            border=o.border,
         )
         done = staged_chunks(job, warn)
         mine = [j for j in range(job.chunks) if part is None or j % part[1] == part[0] - 1]
@@ -879,6 +920,7 @@ def build(o: argparse.Namespace) -> int:
             "template": {
                 "size": fmt.IMAGE_SIZE,
                 "coverage": o.coverage,
+                "border": o.border,
                 "points": np.round(fmt.face_template(fmt.IMAGE_SIZE, o.coverage).astype(np.float64), 2).tolist(),
             },
             "detector": settings["detector"] or {"model": None, "note": "synthetic: generated already aligned"},
@@ -907,6 +949,8 @@ def summary(out: Path, m: dict) -> str:
         f"{m['dataset']}: {m['samples']} samples of {m['inputs']} photos, {m['identities']} identities, "
         f"ages {m['min_age']}-{m['max_age']}",
         f"rejects: {m['rejects']} ({_format_counts(m['rejects_by_reason'])})",
+        *([f"border {m['template'].get('border', fmt.DEFAULT_BORDER)}: mean {100 * m['outside']['mean']:.1f}% of the "
+           f"frame beyond the photo's edge; {m['outside']['over_10pct']} samples over 10%"] if m.get("outside") else []),
         f"{m['shards']} shard(s) in {out}; splits: {', '.join(m['splits']) or 'none'} (default {m['default_protocol']})",
         f"rejects report: {out / fmt.REJECTS_FILE}; manifest: {out / fmt.MANIFEST_FILE}",
         f"wall time {m['wall_time_s']:.1f} s",

@@ -5,7 +5,8 @@
       "version": 1,                           # VERSION; another version is refused
       "config": to_dict(TrainConfig),         # nested dicts of plain values
       "min_age": int, "max_age": int,         # the head's classes: age = min_age + class index
-      "template": {"size": int, "coverage": float},   # the aligned face frame of the shards
+      "template": {"size": int, "coverage": float, "border": str},   # the aligned face frame of the shards
+                                              # (no "border": written before it existed, "reflect")
       "epoch": int,                           # epochs completed
       "step": int,                            # optimizer steps completed
       "model": {name: Tensor},                # state_dict of the plain AgeModel (no _orig_mod./module.)
@@ -34,7 +35,8 @@ from torch import nn
 
 from agecl import __version__
 from agecl.atomic import atomic_path
-from agecl.config import to_dict
+from agecl.config import TrainConfig, to_dict
+from agecl.format import template_border
 from agecl.model import AgeModel, strip_prefixes, unwrap
 
 FORMAT = "agecl-checkpoint"
@@ -184,7 +186,7 @@ def save_checkpoint(
         "config": config,
         "min_age": int(min_age),
         "max_age": int(max_age),
-        "template": {"size": int(template["size"]), "coverage": float(template["coverage"])},
+        "template": _template(template),
         "epoch": int(epoch),
         "step": int(step),
         "model": model_state(model),
@@ -251,6 +253,11 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
 _ABSENT = "<absent>"
 
 
+def _template(template: Mapping) -> dict:
+    """A face template as a checkpoint stores it: size, coverage, border (the default when absent)."""
+    return {"size": int(template["size"]), "coverage": float(template["coverage"]), "border": template_border(template)}
+
+
 def check_compatible(
     ckpt: Mapping,
     cfg,
@@ -265,29 +272,32 @@ def check_compatible(
     Rule: every key of the flattened config (`section.field`) must be equal in the checkpoint and
     in `cfg` (a TrainConfig or its dict), except RUN_CONTROL_KEYS and `ignore`: epochs (a resumed
     run may extend them), out, name, log_every, device, precision, compile, resume, data.shards
-    (the folder may move), loader.loader, loader.workers, loader.prefetch. A key present on one side
-    only counts as different. When given, the resolved `min_age` / `max_age` (the head's size) and
-    the shard set's face `template` must equal the checkpoint's too.
+    (the folder may move), loader.loader, loader.workers, loader.prefetch. A key the checkpoint
+    lacks counts as TrainConfig's default (a field added since it was written: new fields default
+    to the old behaviour); any other key present on one side only counts as different. When given,
+    the resolved `min_age` / `max_age` (the head's size) and the shard set's face `template` (its
+    border "reflect" when it names none) must equal the checkpoint's too.
 
     Raises CheckpointError naming the file and listing each differing key with both values.
     """
     skip = RUN_CONTROL_KEYS | set(ignore)
     old = _flatten(ckpt["config"])
     new = _flatten(cfg if isinstance(cfg, Mapping) else to_dict(cfg))
+    defaults = _flatten(to_dict(TrainConfig()))
     diffs = []
     for key in sorted(set(old) | set(new)):
         if key in skip:
             continue
-        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        a, b = old.get(key, defaults.get(key, _ABSENT)), new.get(key, _ABSENT)
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
     for key, now in (("min_age", min_age), ("max_age", max_age)):
         if now is not None and int(now) != ckpt[key]:
             diffs.append(f"{key}: checkpoint {ckpt[key]!r}, now {int(now)!r}")
     if template is not None:
-        now_t = {"size": int(template["size"]), "coverage": float(template["coverage"])}
-        if now_t != dict(ckpt["template"]):
-            diffs.append(f"template: checkpoint {dict(ckpt['template'])!r}, now {now_t!r}")
+        now_t, then_t = _template(template), _template(ckpt["template"])
+        if now_t != then_t:
+            diffs.append(f"template: checkpoint {then_t!r}, now {now_t!r}")
     if diffs:
         raise CheckpointError(
             f"{ckpt.get('path', 'checkpoint')}: written by another configuration; differing keys:\n  "

@@ -50,6 +50,13 @@ class ModelConfig:
     # resizes its input first (antialiased), so a quick CPU run sees the whole face at low
     # resolution rather than a small window of it; every user of a checkpoint gets the same.
     input_size: int = 0
+    # Fine-tuning: start from another agecl run's weights, a checkpoint file or a single-fold run
+    # folder (its checkpoint.pt). The backbone always; the age head class by class by age value
+    # (ages the source never had start fresh). See agecl.finetune.
+    init_from: str = ""
+    # What init_from was when the run started: the source checkpoint's path, sha256, architecture,
+    # ages, template and configuration. Filled in by the trainer (config.json, the checkpoint).
+    init_source: dict = field(default_factory=dict)
 
 
 @dataclass

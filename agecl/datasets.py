@@ -8,6 +8,8 @@ has a face, is the builder's business (`agecl.build`).
     fgnet    a folder of NNNAxx[.letter].JPG (person NNN at age xx; any case)
     morph    the MORPH II album CSV (id_num, age, photo columns) and the photo folder
     utkface  a folder of age_gender_race_date.jpg[.chip.jpg]; no identities (each photo is its own)
+    aaf      All-Age-Faces: a folder of NNNNNAxx.jpg (serial NNNNN at age xx); each photo its own
+             identity; gender and the authors' train/val split from splits/*.txt beside the folder
     csv      any dataset as a CSV with path, age and identity columns
 
 What counts as a photo in a folder: a file whose extension is one of PHOTO_EXTENSIONS (jpg, jpeg,
@@ -28,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from . import format as fmt
 
 PHOTO_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-DATASETS = ("fgnet", "morph", "utkface", "csv")
+DATASETS = ("fgnet", "morph", "utkface", "aaf", "csv")
 MAX_AGE = 150  # years; a larger label is a typo, not a person
 
 # Column names of each CSV reader: (path, age, identity). MORPH II's album CSV
@@ -38,6 +40,10 @@ DEFAULT_COLUMNS = {"morph": ("photo", "age", "id_num"), "csv": ("path", "age", "
 
 UTKFACE_IDENTITY_NOTE = (
     "UTKFace has no identities: each photo is its own identity; subject-exclusive splits are image-level"
+)
+AAF_IDENTITY_NOTE = (
+    "All-Age-Faces shows every person once: each photo is its own identity (its serial number); "
+    "subject-exclusive splits are image-level"
 )
 
 # Reject reasons of this module. The part after "bad-label: " is a fixed word, so that the
@@ -62,6 +68,19 @@ class Record:
     source: str  # path relative to the input root, '/'-separated: unique within a dataset
     age: int  # years
     identity: str
+    # Labels beyond age and identity that the dataset gives (AAF's gender), kept in the sample's
+    # JSON. Not compared or hashed: a Record is identified by its source.
+    meta: dict | None = field(default=None, compare=False, hash=False)
+
+
+@dataclass
+class PublishedSplit:
+    """A split the dataset's authors distribute: (file name, fold) pairs for `splits.import_split`."""
+
+    name: str  # the split's name under splits/ (not a built-in protocol's)
+    origin: str  # the list file(s) it was read from, for messages and splits/<name>.json
+    entries: list[tuple[str, int]]
+    folds: dict[int, str]  # what each fold is, e.g. {0: "val.txt (the authors' test half)"}
 
 
 @dataclass
@@ -75,6 +94,7 @@ class Inputs:
     ignored: int = 0  # files skipped as clearly not photos (by extension)
     identity_note: str | None = None
     extra: dict = field(default_factory=dict)  # reader details for the manifest (csv, columns)
+    published_splits: list[PublishedSplit] = field(default_factory=list)  # imported beside the built-in ones
 
     @property
     def count(self) -> int:
@@ -85,7 +105,10 @@ class Inputs:
         """sha256 of the labelled sources: two runs with the same digest read the same inputs."""
         h = hashlib.sha256()
         for r in self.records:
-            h.update(json.dumps([r.source, r.age, r.identity]).encode())
+            # meta only when present, so that readers without it keep the digests they had.
+            h.update(json.dumps([r.source, r.age, r.identity] + ([r.meta] if r.meta else []), sort_keys=True).encode())
+        for split in self.published_splits:
+            h.update(json.dumps([split.name, split.entries]).encode())
         for r in sorted(self.rejects, key=lambda r: (r["source"], r["reason"])):
             h.update(json.dumps([r["source"], r["reason"]]).encode())
         return h.hexdigest()
@@ -211,6 +234,86 @@ def read_utkface(root: Path | str) -> Inputs:
     )
 
 
+# All-Age-Faces: NNNNNAxx.jpg, a five-digit serial number and the age (00123A35.jpg: serial 00123 at
+# 35). Every photo is a different person. The release's splits/train.txt and splits/val.txt list
+# '<file name> <gender>' (0 female, 1 male) and together are the authors' random half split.
+_AAF = re.compile(r"^(?P<serial>\d+)a(?P<age>\d+)$", re.IGNORECASE)
+AAF_SPLIT = "authors"  # the name of the authors' train/val split in the shard set
+AAF_SPLIT_FILES = ("val.txt", "train.txt")  # fold 0 (the default test fold) is val: train.txt trains it
+AAF_GENDER = {"0": "female", "1": "male"}
+
+
+def _aaf_lists(root: Path) -> Path | None:
+    """The folder holding AAF's train.txt and val.txt: splits/ beside the photo folder (the release's
+    layout, root = <aaf>/images) or inside it (root = <aaf>); None when there is none."""
+    for folder in (root.parent / "splits", root / "splits"):
+        if all((folder / f).is_file() for f in AAF_SPLIT_FILES):
+            return folder
+    return None
+
+
+def _read_aaf_list(path: Path) -> list[tuple[str, str]]:
+    """Lines '<file name> <gender>' of one AAF split list; DatasetError names the line that does not parse."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the split list ({e.strerror or e})") from e
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[1] not in AAF_GENDER:
+            raise DatasetError(f"{path} line {number}: expected '<file name> <gender 0|1>', got {line.strip()!r}")
+        out.append((parts[0], parts[1]))
+    if not out:
+        raise DatasetError(f"{path}: no '<file name> <gender>' lines")
+    return out
+
+
+def read_aaf(root: Path | str) -> Inputs:
+    """All-Age-Faces: files NNNNNAxx.jpg (serial NNNNN at age xx). Each photo is its own identity (the
+    serial number as written, '00123'). When the release's splits/train.txt and val.txt are found
+    (beside the photo folder, or inside it) each sample keeps its gender ("female" / "male") and the
+    authors' split becomes the published split "authors": fold 0 = val.txt, fold 1 = train.txt, so
+    fold 0 trains on the authors' training half and tests on their other half. Without the lists the
+    photos are read all the same (no gender, no "authors" split; the manifest says so)."""
+    root = Path(root)
+    lists = _aaf_lists(root)
+    gender: dict[str, str] = {}  # lower-cased file name -> "female" / "male"
+    entries: list[tuple[str, int]] = []
+    if lists is not None:
+        for fold, name in enumerate(AAF_SPLIT_FILES):
+            for file_name, code in _read_aaf_list(lists / name):
+                key = file_name.lower()
+                if gender.get(key, AAF_GENDER[code]) != AAF_GENDER[code]:
+                    raise DatasetError(f"{lists / name}: {file_name} has gender {code}, another list gives it {gender[key]}")
+                gender[key] = AAF_GENDER[code]
+                entries.append((file_name, fold))
+
+    def own_identity(source: str, stem: str, m) -> str:
+        return m["serial"]
+
+    inputs = _read_named("aaf", root, _AAF, "AAF's NNNNNAxx (serial NNNNN, age xx)", own_identity,
+                         identity_note=AAF_IDENTITY_NOTE)
+    for i, r in enumerate(inputs.records):
+        g = gender.get(PurePosixPath(r.source).name.lower())
+        if g is not None:
+            inputs.records[i] = Record(r.path, r.source, r.age, r.identity, {"gender": g})
+    if lists is None:
+        inputs.extra["split_lists"] = (
+            f"none found (looked for {' and '.join(AAF_SPLIT_FILES)} in {root.parent / 'splits'} and "
+            f"{root / 'splits'}): no gender, no {AAF_SPLIT!r} split"
+        )
+    else:
+        inputs.extra["split_lists"] = [str(lists / f) for f in AAF_SPLIT_FILES]
+        inputs.published_splits.append(PublishedSplit(
+            AAF_SPLIT, " + ".join(str(lists / f) for f in AAF_SPLIT_FILES), entries,
+            {0: "val.txt (test half of the authors' split)", 1: "train.txt (training half of the authors' split)"},
+        ))
+    return inputs
+
+
 # --- CSV label files ----------------------------------------------------------------------------
 
 
@@ -302,10 +405,10 @@ def read_dataset(
     identity_column: str | None = None,
 ) -> Inputs:
     """Dispatch to the reader of `dataset` (one of DATASETS)."""
-    if dataset in ("fgnet", "utkface"):
+    if dataset in ("fgnet", "utkface", "aaf"):
         if root is None:
             raise DatasetError(f"--dataset {dataset} needs --root (the photo folder)")
-        return read_fgnet(root) if dataset == "fgnet" else read_utkface(root)
+        return {"fgnet": read_fgnet, "utkface": read_utkface, "aaf": read_aaf}[dataset](root)
     if dataset in ("morph", "csv"):
         if csv_path is None:
             raise DatasetError(f"--dataset {dataset} needs --csv (the label file)")

@@ -156,6 +156,9 @@ def _shard_faces(args, predictor) -> tuple[np.ndarray, list[str], list[float | N
     if coverage is not None and abs(float(coverage) - predictor.coverage) > 1e-6:
         print(f"agecl-explain: warning: {args.shards} has coverage {coverage}, the checkpoint "
               f"{predictor.coverage}: the faces are framed differently from training", file=sys.stderr)
+    if fmt.template_border(t) != predictor.border:
+        print(f"agecl-explain: warning: {args.shards} fills beyond a photo's edge with border {fmt.template_border(t)}, "
+              f"the checkpoint's shards with {predictor.border}", file=sys.stderr)
     if args.protocol:
         pool = shards.split_ids(args.protocol, args.fold, args.part)
     else:

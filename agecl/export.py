@@ -201,10 +201,19 @@ def verify(
 # --- Sidecar -------------------------------------------------------------------------------------
 
 
+# How each border of format.BORDERS fills the frame beyond the photo's edge, in OpenCV's words.
+_BORDER_WORDS = {
+    "reflect": "the photo mirrored about its edge pixel (OpenCV BORDER_REFLECT_101)",
+    "replicate": "the edge pixels repeated (OpenCV BORDER_REPLICATE)",
+    "constant": "black, 0 (OpenCV BORDER_CONSTANT)",
+}
+
+
 def preprocessing(info: dict) -> dict:
     """What a server must do to a photo before the exported graph, from a checkpoint's info."""
     size = int(info["template"]["size"])
     coverage = float(info["template"]["coverage"])
+    border = fmt.template_border(info["template"])
     crop = int(info["config"].get("loader", {}).get("image_size", size))
     return {
         "steps": [
@@ -212,12 +221,14 @@ def preprocessing(info: dict) -> dict:
             "detect faces and five landmarks with MTCNN (facenet-pytorch): left eye, right eye, nose tip, "
             "left mouth corner, right mouth corner (image left / right)",
             "warp each face with the least-squares similarity (rotation, uniform scale, translation) taking "
-            "its landmarks onto template_points, bilinear, border reflected, to template_size square",
+            f"its landmarks onto template_points, bilinear, to template_size square; beyond the photo's edge: "
+            f"{_BORDER_WORDS[border]}",
             "take the centre crop_size square at crop_offset (x and y)",
             "scale to 0..1 (divide by 255), subtract mean and divide by std per channel, NCHW float32",
         ],
         "template_size": size,
         "coverage": coverage,
+        "border": border,
         "template_points": np.round(fmt.face_template(size, coverage).astype(np.float64), 4).tolist(),
         "crop_size": crop,
         "crop_offset": centre_crop_offset(size, crop),

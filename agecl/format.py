@@ -73,6 +73,24 @@ ARCFACE_TEMPLATE = (
 DEFAULT_COVERAGE = 1.4
 
 
+# What fills the aligned frame where it runs past the photo's edge (align.warp_face): "reflect"
+# mirrors the photo (OpenCV's BORDER_REFLECT_101), "replicate" repeats its edge pixels, "constant"
+# is black (insightface's norm_crop). A shard set records its choice in manifest["template"]
+# ["border"] and a checkpoint in its "template"; sets and checkpoints made before the choice existed
+# have no such field and were made with DEFAULT_BORDER.
+BORDERS = ("reflect", "replicate", "constant")
+DEFAULT_BORDER = "reflect"
+
+# Edges of the manifest's histogram of each sample's "outside" (share of the aligned frame beyond
+# the photo's edge): [0, 0.01), [0.01, 0.05), ..., [0.5, 1].
+OUTSIDE_EDGES = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+def template_border(template: dict | None) -> str:
+    """The border of a manifest's or checkpoint's "template" (DEFAULT_BORDER when it names none)."""
+    return str((template or {}).get("border") or DEFAULT_BORDER)
+
+
 def face_template(size: int = IMAGE_SIZE, coverage: float = DEFAULT_COVERAGE) -> np.ndarray:
     """(5, 2) float32 pixel coordinates (x, y) where the five landmarks land in a size x size face."""
     if coverage <= 0:

@@ -5,7 +5,7 @@ from the checkpoint, so that the network sees what it was trained on:
 
     photo ──load_photo──> (H, W, 3) uint8 RGB, EXIF orientation applied
           ──FaceDetector.detect──> every face: box, score, five landmarks (MTCNN, as the builder)
-          ──align_face──> (T, T, 3) uint8, T and coverage = the checkpoint's "template"
+          ──align_face──> (T, T, 3) uint8, T, coverage and border = the checkpoint's "template"
           ──centre crop──> (S, S, 3), S = config["loader"]["image_size"] (the evaluation crop)
           ──normalise──> (x / 255 - IMAGENET_MEAN) / IMAGENET_STD, (B, 3, S, S) float32
           ──AgeModel──> s = softmax(logits) ──> age = min_age + sum_j j s_j, std = sqrt(var s)
@@ -51,6 +51,7 @@ from agecl.align import (
 )
 from agecl.checkpoint import CheckpointError, load_model
 from agecl.datasets import PHOTO_EXTENSIONS  # the suffixes (lower-cased) a folder walk picks up
+from agecl.format import template_border
 from agecl.model import IMAGENET_MEAN, IMAGENET_STD
 
 TTA_MODES = ("none", "flip")
@@ -189,6 +190,7 @@ class AgePredictor:
         self.min_age, self.max_age = int(self.info["min_age"]), int(self.info["max_age"])
         self.template_size = int(self.info["template"]["size"])  # T: side of the aligned face
         self.coverage = float(self.info["template"]["coverage"])
+        self.border = template_border(self.info["template"])  # what the shards filled beyond a photo's edge
         self.crop_size = int(self.info["config"].get("loader", {}).get("image_size", self.template_size))  # S
         if not 0 < self.crop_size <= self.template_size:
             raise CheckpointError(
@@ -265,7 +267,7 @@ class AgePredictor:
         order = np.lexsort((faces.boxes[:, 1], faces.boxes[:, 0])) if faces.count else []  # by x1, then y1
         for k in order:
             try:
-                face, _ = align_face(image, faces.points[k], self.template_size, self.coverage)  # (T, T, 3)
+                face, _ = align_face(image, faces.points[k], self.template_size, self.coverage, self.border)  # (T, T, 3)
             except ValueError:  # landmarks on one point: MTCNN's rare degenerate output
                 continue
             box = tuple(float(v) for v in faces.boxes[k])

@@ -48,6 +48,7 @@ import torch
 
 from agecl import dist
 from agecl import evaluate as ev
+from agecl import finetune
 from agecl import format as fmt
 from agecl import plots
 from agecl.atomic import write_json, write_text
@@ -109,6 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA and on CPUs that run it natively (AMX or AVX512-BF16), fp32 elsewhere")
     p.add_argument("--arch", help="backbone: resnet18 (the paper's), resnet34, resnet50, resnet101")
     p.add_argument("--pretrained", nargs="?", const="imagenet", help="backbone weights: imagenet (the paper's; the default when the flag has no value) or a file")
+    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from another run's weights, its "
+                   "checkpoint.pt or its run folder (one fold's); the backbone, and the age head class by class by age")
     p.add_argument("--flip", choices=("horizontal", "vertical", "none"), help="random flip (the paper's text says vertical)")
     p.add_argument("--min-age", type=int, help="lowest age class (default: the shard set's)")
     p.add_argument("--max-age", type=int, help="highest age class (default: the shard set's)")
@@ -175,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "precision": args.precision,
         "model.arch": args.arch,
         "model.pretrained": args.pretrained,
+        "model.init_from": args.init_from,
         "log_every": args.log_every,
         "out": args.out,
         "name": args.name,
@@ -286,7 +290,8 @@ def compile_step(model: torch.nn.Module, loss_fn=age_loss, backend: str = "induc
 
 def _template(manifest: dict) -> dict:
     t = manifest.get("template") or {}
-    return {"size": int(t.get("size", fmt.IMAGE_SIZE)), "coverage": float(t.get("coverage", fmt.DEFAULT_COVERAGE))}
+    return {"size": int(t.get("size", fmt.IMAGE_SIZE)), "coverage": float(t.get("coverage", fmt.DEFAULT_COVERAGE)),
+            "border": fmt.template_border(t)}
 
 
 # --- Run-folder files ------------------------------------------------------------------------------
@@ -397,18 +402,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
                 "or --name / --out for a new run"
             )
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        # The fine-tuning source as the run recorded it when it started (not read again: it may be gone).
+        cfg.model.init_source = ckpt["config"].get("model", {}).get("init_source", {})
         check_compatible(ckpt, cfg, min_age=min_age, max_age=max_age, template=template)
     elif resume:
         dist.print0(f"{ckpt_path}: no checkpoint yet; starting the run")
+    source = None  # the checkpoint a new run is fine-tuned from (--init-from)
+    if ckpt is None:
+        source = finetune.load_source(cfg.model.init_from, cfg.model.arch) if cfg.model.init_from else None
+        cfg.model.init_source = finetune.describe(source) if source is not None else {}
     train_loader = build_train_loader(shards, train_ids, cfg.loader, device, rank=rank, world_size=world)
     steps_per_epoch = len(train_loader)
     baseline = ev.mean_age_baseline(shards.ages[train_ids], shards.ages[test_ids])
 
     # -- model and optimizer -------------------------------------------------------------------------
-    # A resumed run takes every weight from its checkpoint: no backbone download for nothing.
+    # A resumed run takes every weight from its checkpoint, a fine-tuned one its backbone from the
+    # source: no backbone download for nothing.
     raw_model = AgeModel(
-        min_age, max_age, arch=cfg.model.arch, pretrained=cfg.model.pretrained if ckpt is None else "", input_size=cfg.model.input_size
+        min_age, max_age, arch=cfg.model.arch, pretrained=cfg.model.pretrained if ckpt is None and source is None else "",
+        input_size=cfg.model.input_size,
     )
+    if source is not None:
+        dist.print0(finetune.init_model(raw_model, source))
+        del source
     raw_model = raw_model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(
         raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
@@ -602,6 +618,8 @@ def train_all_folds(cfg: TrainConfig, *, resume: bool = False, quiet: bool = Fal
             dist.print0(f"{fold_cfg.out}: fold {k} finished already ({RESULTS_FILE} present); skipped")
         else:
             pending.append(fold_cfg)
+    if parent.model.init_from and any(not (Path(c.out) / CHECKPOINT_FILE).is_file() for c in pending):
+        finetune.load_source(parent.model.init_from, parent.model.arch)  # a bad source fails once, not once a fold
     if jobs > 1 and pending:
         if dist.env_info().world_size > 1:
             raise TrainError("--jobs runs folds side by side in one process each; it does not combine with torchrun")

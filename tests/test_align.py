@@ -29,6 +29,7 @@ from agecl.align import (
     outside_share,
     similarity_transform,
     transform_points,
+    warp_face,
 )
 
 FGNET = Path(os.environ.get("AGECL_FGNET") or Path(__file__).resolve().parents[1].parent / "shared/data/fgnet")
@@ -127,6 +128,54 @@ def test_border_and_outside_share():
     assert outside_share(alignment_matrix(fmt.face_template()), (256, 256)) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="border"):
         align_face(photo, pts, border="wrap")
+
+
+def _inverse_warp_outside(matrix: np.ndarray, shape, size: int = fmt.IMAGE_SIZE) -> float:
+    """Share of the output pixels whose centre comes from beyond the photo (pixel edges at -0.5 and
+    w - 0.5), by the inverse warp of every output pixel: an independent count."""
+    h, w = shape[:2]
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    x = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
+    y = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
+    return float(((x < -0.5) | (x > w - 0.5) | (y < -0.5) | (y > h - 0.5)).mean())
+
+
+def test_outside_share_matches_a_hand_computation():
+    # A shift: the 200 px wide photo covers output columns 49.5..249.5 and every row (it is 300 tall,
+    # shifted up 20): 56 of 256 columns lie outside.
+    shift = np.array([[1.0, 0, 50], [0, 1.0, -20]])
+    assert outside_share(shift, (300, 200)) == pytest.approx(1 - 200 / 256, abs=1e-6) == 56 / 256
+    # Scale 2 and a shift: the 100 px photo spans x 99.5..299.5 and y -51.5..148.5 of the frame, of
+    # which 156 x 149 px fall inside it.
+    zoom = np.array([[2.0, 0, 100.5], [0, 2.0, -50.5]])
+    assert outside_share(zoom, (100, 100)) == pytest.approx(1 - 156 * 149 / 256**2, abs=1e-6)
+    for m, shape in ((shift, (300, 200)), (zoom, (100, 100))):
+        assert outside_share(m, shape) == pytest.approx(_inverse_warp_outside(m, shape), abs=1e-6)
+    # A rotation: the exact area and the pixel count agree to a fraction of a pixel row.
+    turned = _similarity(20, 1.3, -60, 10)
+    assert outside_share(turned, (240, 320)) == pytest.approx(_inverse_warp_outside(turned, (240, 320)), abs=0.005)
+
+
+def test_constant_and_replicate_borders_hold_no_mirrored_content():
+    # A photo whose columns are all different (a ramp 20..219 in x): mirrored content is recognisable.
+    photo = np.zeros((300, 200, 3), np.uint8)
+    photo[:, :, 0] = 20 + np.arange(200)
+    photo[:, :, 1] = (np.arange(300) % 200)[:, None]
+    shift = np.array([[1.0, 0, 50], [0, 1.0, -20]])  # output columns 0..49 and 250..255 lie beyond the photo
+    left, inside, right = slice(0, 50), slice(50, 250), slice(250, 256)
+    faces = {b: warp_face(photo, shift, border=b) for b in fmt.BORDERS}
+    for face in faces.values():  # the photo itself is the same whatever the border
+        np.testing.assert_array_equal(face[:, inside], photo[20:276])
+    # reflect paints the photo's columns 50..1 (mirrored) into the left strip
+    np.testing.assert_array_equal(faces["reflect"][:, left, 0], photo[20:276, 50:0:-1, 0])
+    # constant: black; replicate: the edge column repeated, nothing from inside the photo
+    assert faces["constant"][:, left].max() == 0 and faces["constant"][:, right].max() == 0
+    np.testing.assert_array_equal(faces["replicate"][:, left], np.repeat(photo[20:276, :1], 50, axis=1))
+    np.testing.assert_array_equal(faces["replicate"][:, right], np.repeat(photo[20:276, -1:], 6, axis=1))
+    for b in ("constant", "replicate"):  # no column of the photo but its edges appears outside it
+        outside = faces[b][:, np.r_[0:50, 250:256], 0]
+        assert set(np.unique(outside)) <= {0, 20, 219}, b
 
 
 def test_large_photo_is_reduced_before_warping():

@@ -307,3 +307,53 @@ def test_chunk_damaged_after_staging_is_named_removed_and_remade(tmp_path, capsy
     assert _run(*args, "--out", out) == 0  # remakes chunk 2, then the same set as one clean run
     assert _run(*args, "--out", ref) == 0
     _assert_same_build(out, ref)
+
+
+def test_aaf_build_keeps_gender_imports_the_authors_split_and_fills_with_the_chosen_border(tmp_path, capsys):
+    import cv2
+
+    from agecl.datasets import AAF_IDENTITY_NOTE, AAF_SPLIT
+    from agecl.synthetic import synthetic_sample
+
+    images, lists, out = tmp_path / "aaf" / "images", tmp_path / "aaf" / "splits", tmp_path / "out"
+    images.mkdir(parents=True)
+    lists.mkdir()
+    # Two photos framed loosely, two tight crops whose aligned frame runs past the photo's edge.
+    names = {"00000A25.jpg": "loose", "00001A30.jpg": "tight", "07381A40.jpg": "loose", "07382A50.jpg": "tight"}
+    for i, (name, kind) in enumerate(names.items()):
+        face = synthetic_sample(i, 50, seed=1).image
+        photo = face[40:216, 40:216] if kind == "tight" else cv2.copyMakeBorder(face, 60, 60, 90, 90, cv2.BORDER_REFLECT)
+        Image.fromarray(np.ascontiguousarray(photo)).save(images / name, quality=95)
+    (lists / "train.txt").write_text("00000A25.jpg 0\n07381A40.jpg 1\n")
+    (lists / "val.txt").write_text("00001A30.jpg 0\n07382A50.jpg 1\n")
+
+    assert _run("--dataset", "aaf", "--root", images, "--out", out, "--folds", 2, "--border", "constant") == 0
+    assert "border constant:" in capsys.readouterr().out
+    samples = {meta["source"]: (image, meta) for image, meta in _check_samples(out, "aaf").values()}
+    assert sorted(samples) == sorted(names)
+    assert {s: m["gender"] for s, (_, m) in samples.items()} == {
+        "00000A25.jpg": "female", "00001A30.jpg": "female", "07381A40.jpg": "male", "07382A50.jpg": "male",
+    }
+    m = fmt.load_manifest(out)
+    assert m["identity_note"] == AAF_IDENTITY_NOTE and m["identities"] == 4 and m["default_protocol"] == "kfold"
+    assert m["splits"] == ["kfold", "rs", AAF_SPLIT] and m["template"]["border"] == "constant"
+    sources = [meta["source"] for _, meta in _read_tars(out).values()]  # tar order: the index's order
+    assert dict(zip(sources, fmt.load_split(out, AAF_SPLIT).tolist())) == {
+        "00000A25.jpg": 1, "00001A30.jpg": 0, "07381A40.jpg": 1, "07382A50.jpg": 0,  # fold 0 = val.txt
+    }
+    info = json.loads((out / fmt.SPLITS_DIR / f"{AAF_SPLIT}.json").read_text())
+    assert info["matched"] == 4 and info["fold_meaning"]["0"].startswith("val.txt")
+
+    # The outside share: the tight crops' frames run past the photo's edge, the loose ones' do not;
+    # the manifest's histogram counts every sample; constant fills with black.
+    for source, (image, meta) in samples.items():
+        if names[source] == "tight":
+            assert 0.3 < meta["outside"] < 0.8 and image[:8, :8].max() < 12, source  # black, up to JPEG noise
+        else:
+            assert meta["outside"] == 0.0, source
+    assert sum(m["outside"]["counts"]) == 4 and m["outside"]["over_10pct"] == 2
+    assert m["outside"]["edges"] == list(fmt.OUTSIDE_EDGES)
+
+    # The border is part of what the set was made with: another is refused, not mixed in.
+    assert _run("--dataset", "aaf", "--root", images, "--out", out, "--folds", 2, "--border", "reflect") == 2
+    assert "built from other inputs or settings" in capsys.readouterr().err

@@ -1,10 +1,13 @@
 """The raw-dataset readers: label parsing, rejects for bad labels, errors for empty inputs."""
 
 import csv
+import shutil
 
 import pytest
 
 from agecl.datasets import (
+    AAF_IDENTITY_NOTE,
+    AAF_SPLIT,
     BAD_AGE,
     BAD_IDENTITY,
     BAD_NAME,
@@ -12,6 +15,7 @@ from agecl.datasets import (
     UTKFACE_IDENTITY_NOTE,
     DatasetError,
     is_photo,
+    read_aaf,
     read_csv,
     read_dataset,
     read_fgnet,
@@ -123,3 +127,50 @@ def test_csv_custom_columns_missing_column_and_no_rows(tmp_path):
         read_csv(empty, photos)
     with pytest.raises(DatasetError, match="needs --csv"):
         read_dataset("morph", photos)
+
+
+def test_aaf_names_gender_and_the_authors_split(tmp_path):
+    images, lists = tmp_path / "aaf" / "images", tmp_path / "aaf" / "splits"
+    _touch(images, "00000A02.jpg", "00001A35.jpg", "07381A80.JPG", "07382a19.jpg", "12345B20.jpg", "00003A999.jpg")
+    lists.mkdir()
+    (lists / "train.txt").write_text("00000A02.jpg 0\n07381A80.jpg 1\n")
+    (lists / "val.txt").write_text("00001A35.jpg 0\n07382A19.jpg 1\n\n99999A50.jpg 1\n")
+    got = read_dataset("aaf", images)
+    by = {r.source: r for r in got.records}
+    assert sorted(by) == ["00000A02.jpg", "00001A35.jpg", "07381A80.JPG", "07382a19.jpg"]
+    assert [(by[s].age, by[s].identity) for s in sorted(by)] == [(2, "00000"), (35, "00001"), (80, "07381"), (19, "07382")]
+    assert {s: r.meta["gender"] for s, r in by.items()} == {
+        "00000A02.jpg": "female", "00001A35.jpg": "female", "07381A80.JPG": "male", "07382a19.jpg": "male",
+    }
+    assert {r["source"]: r["reason"] for r in got.rejects} == {"12345B20.jpg": BAD_NAME, "00003A999.jpg": BAD_AGE}
+    assert got.identity_note == AAF_IDENTITY_NOTE and got.dataset == "aaf"
+    (split,) = got.published_splits
+    # fold 0 = val.txt (the default test fold), fold 1 = train.txt; names as the lists spell them
+    assert split.name == AAF_SPLIT and sorted(split.entries) == [
+        ("00000A02.jpg", 1), ("00001A35.jpg", 0), ("07381A80.jpg", 1), ("07382A19.jpg", 0), ("99999A50.jpg", 0),
+    ]
+    assert got.extra["split_lists"] == [str(lists / "val.txt"), str(lists / "train.txt")]
+    # The gender is part of what the build depends on.
+    before = got.digest()
+    (lists / "train.txt").write_text("00000A02.jpg 1\n07381A80.jpg 1\n")
+    assert read_aaf(images).digest() != before
+
+    # The lists inside the root work too (root = the dataset folder); without them, no gender and no split.
+    assert read_aaf(tmp_path / "aaf").published_splits[0].name == AAF_SPLIT
+    shutil.rmtree(lists)
+    bare = read_aaf(images)
+    assert all(r.meta is None for r in bare.records) and not bare.published_splits
+    assert "none found" in bare.extra["split_lists"]
+
+
+def test_aaf_lists_that_do_not_parse_are_errors_naming_the_line(tmp_path):
+    images, lists = tmp_path / "images", tmp_path / "splits"
+    _touch(images, "00000A02.jpg")
+    lists.mkdir()
+    (lists / "val.txt").write_text("00000A02.jpg 0\n")
+    (lists / "train.txt").write_text("00000A02.jpg 0\n00001A02.jpg female\n")
+    with pytest.raises(DatasetError, match=r"train.txt line 2: expected '<file name> <gender 0\|1>'"):
+        read_aaf(images)
+    (lists / "train.txt").write_text("00000A02.jpg 1\n")
+    with pytest.raises(DatasetError, match="train.txt: 00000A02.jpg has gender 1, another list gives it female"):
+        read_aaf(images)

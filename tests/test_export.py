@@ -105,6 +105,7 @@ def test_sidecar_is_enough_to_serve(ckpt, exported):
     assert meta["inputs"][0]["shape"] == ["batch", 3, CROP, CROP]
     assert [o["name"] for o in meta["outputs"]] == ["age", "std"]
     assert (pre["template_size"], pre["coverage"], pre["crop_size"]) == (256, 1.4, CROP)
+    assert pre["border"] == "reflect"  # a checkpoint that names no border was made with the old default
     np.testing.assert_allclose(pre["template_points"], fmt.face_template(256, 1.4), atol=1e-3)
     rng = np.random.default_rng(3)
     faces = rng.integers(0, 256, size=(3, 256, 256, 3), dtype=np.uint8)  # aligned faces

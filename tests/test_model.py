@@ -206,7 +206,7 @@ def test_round_trip(tmp_path, model, x):
     assert ck["format"] == "agecl-checkpoint" and ck["version"] == 1 and ck["path"] == str(path)
     assert from_dict(TrainConfig, ck["config"]) == cfg
     assert (ck["min_age"], ck["max_age"], ck["epoch"], ck["step"]) == (MIN_AGE, MAX_AGE, 3, 120)
-    assert ck["template"] == TEMPLATE and ck["metrics"] == {"val_mae": 4.25}
+    assert ck["template"] == {**TEMPLATE, "border": "reflect"} and ck["metrics"] == {"val_mae": 4.25}
     assert type(ck["metrics"]["val_mae"]) is float
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])
     for key, value in m.state_dict().items():
@@ -311,6 +311,17 @@ def test_check_compatible_rule(tmp_path, model):
     newer["model"]["dropout"] = 0.1
     with pytest.raises(CheckpointError, match="model.dropout: checkpoint '<absent>', now 0.1"):
         check_compatible(ck, newer)
+    # a checkpoint written before a field existed: it ran with that field's default
+    older = {**ck, "config": ckpt_mod.to_dict(cfg), "template": {"size": 256, "coverage": 1.4}}
+    del older["config"]["lr_schedule"], older["config"]["model"]["init_from"]
+    check_compatible(older, cfg, template={**TEMPLATE, "border": "reflect"})
+    cfg.lr_schedule = "cosine"
+    with pytest.raises(CheckpointError, match="lr_schedule: checkpoint 'constant', now 'cosine'"):
+        check_compatible(older, cfg)
+    # the border of the face template: absent means reflect; another border is another input
+    assert ck["template"]["border"] == "reflect"
+    with pytest.raises(CheckpointError, match="'border': 'reflect'}, now .*'border': 'constant'}"):
+        check_compatible(older, cfg, template={**TEMPLATE, "border": "constant"}, ignore=["lr_schedule"])
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path, model):

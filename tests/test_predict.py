@@ -28,14 +28,15 @@ CROP = 64  # small crops keep the CPU tests light; the real default is 224 of 25
 RECORD_FIELDS = {"photo", "face", "box", "score", "age", "std", "error", "message"}
 
 
-def make_checkpoint(path: Path, crop: int = CROP) -> Path:
-    """A randomly initialised ResNet-18 checkpoint with a `crop`-pixel evaluation crop."""
+def make_checkpoint(path: Path, crop: int = CROP, border: str | None = None) -> Path:
+    """A randomly initialised ResNet-18 checkpoint with a `crop`-pixel evaluation crop; `border`
+    None: a template without one (as checkpoints were before borders were recorded)."""
     cfg = TrainConfig()
     cfg.loader.image_size = crop
     torch.manual_seed(0)
     model = AgeModel(MIN_AGE, MAX_AGE)
-    save_checkpoint(path, config=cfg, model=model, min_age=MIN_AGE, max_age=MAX_AGE,
-                    template={"size": 256, "coverage": 1.4}, epoch=0, step=0)
+    template = {"size": 256, "coverage": 1.4, **({"border": border} if border else {})}
+    save_checkpoint(path, config=cfg, model=model, min_age=MIN_AGE, max_age=MAX_AGE, template=template, epoch=0, step=0)
     return path
 
 
@@ -106,6 +107,23 @@ def test_predict_aligned_matches_manual_preprocessing(predictor):
     assert predictor.predict_aligned(faces[:0])[0].shape == (0,)
     with pytest.raises(ValueError, match="aligned faces"):
         predictor.predict_aligned(faces[:, :128])
+
+
+def test_photos_are_aligned_with_the_checkpoints_border(predictor, tmp_path):
+    from agecl import format as fmt
+    from agecl.align import transform_points
+
+    # A face whose aligned frame runs past the photo's left and top edges.
+    photo = np.random.default_rng(1).integers(40, 216, size=(300, 300, 3), dtype=np.uint8)
+    points = transform_points(np.array([[1.0, 0, -60], [0, 1.0, -50]]), fmt.face_template())  # (5, 2)
+    faces = Faces(np.array([[0, 0, 150, 150]], np.float32), np.ones(1, np.float32), points[None].astype(np.float32))
+    assert predictor.border == "reflect"  # the checkpoint names none: made before borders were recorded
+    (_, [mirrored]) = predictor.align_all(photo, faces)
+    black = AgePredictor(make_checkpoint(tmp_path / "constant.pt", border="constant"), "cpu")
+    assert black.info["template"]["border"] == black.border == "constant"
+    (_, [padded]) = black.align_all(photo, faces)
+    assert padded[:50, :60].max() == 0 and mirrored[:50, :60].min() > 0  # the strip beyond the photo
+    np.testing.assert_array_equal(padded[50:, 60:], mirrored[50:, 60:])  # the photo itself: the same
 
 
 @pytest.mark.gpu

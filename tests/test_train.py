@@ -370,3 +370,86 @@ def test_a_failing_chart_does_not_cost_the_run_its_result(shards, tmp_path, caps
     assert json.loads((out / RESULTS_FILE).read_text())["test_mae"] == results["test_mae"]
     assert not (out / "curves.png").exists()
     assert "could not draw curves.png (RuntimeError: matplotlib cannot write its font cache)" in capsys.readouterr().err
+
+
+# --- Fine-tuning from another run (--init-from) ----------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_init_from_maps_the_head_by_age_and_records_the_source(shards, straight, tmp_path, capsys):
+    from agecl.model import AgeModel
+    from agecl.train import load_config
+
+    src = straight[0] / CHECKPOINT_FILE
+    source = load_checkpoint(src)
+    lo, hi = source["min_age"], source["max_age"]
+    out = tmp_path / "tuned"
+    # Another age range: ages lo+3 .. hi the source knows, hi+1 .. hi+3 are new to the head. lr 0
+    # keeps every weight as initialised (BatchNorm statistics aside), so the init itself is seen.
+    argv = _cli(shards, out, epochs=1) + ["--init-from", str(straight[0]), "--min-age", str(lo + 3),
+                                          "--max-age", str(hi + 3), "--lr", "0"]  # fmt: skip
+    assert main(argv) == 0
+    assert f"init from {src}" in capsys.readouterr().out
+    saved = json.loads((out / CONFIG_FILE).read_text())
+    record = saved["model"]["init_source"]
+    assert saved["model"]["init_from"] == str(straight[0])
+    assert record["path"] == str(src.resolve()) and record["sha256"] == _sha256(src)
+    assert record["config"] == json.loads((straight[0] / CONFIG_FILE).read_text())
+    assert (record["min_age"], record["max_age"], record["arch"]) == (source["min_age"], source["max_age"], "resnet18")
+    got = load_checkpoint(out / CHECKPOINT_FILE)
+    assert got["config"] == saved and (got["min_age"], got["max_age"]) == (lo + 3, hi + 3)
+    head_w, head_b = got["model"]["head.weight"], got["model"]["head.bias"]
+    assert torch.equal(head_w[:-3], source["model"]["head.weight"][3:])
+    assert torch.equal(head_b[:-3], source["model"]["head.bias"][3:])
+    assert not any(torch.equal(head_w[j], row) for j in (-3, -2, -1) for row in source["model"]["head.weight"])  # fresh
+    params = {name for name, _ in AgeModel(0, 1).named_parameters() if name.startswith("backbone.")}
+    for name in params:
+        assert torch.equal(got["model"][name], source["model"][name]), name
+    # config.json trains again (agecl-train --config): the same source, found again.
+    assert load_config(out).model.init_from == str(straight[0])
+
+
+def test_a_resumed_fine_tuning_run_does_not_init_again(shards, straight, tmp_path):
+    src = tmp_path / "source.pt"
+    src.write_bytes((straight[0] / CHECKPOINT_FILE).read_bytes())
+    out = tmp_path / "tuned"
+    assert main(_cli(shards, out, epochs=1) + ["--init-from", str(src)]) == 0
+    record = json.loads((out / CONFIG_FILE).read_text())["model"]["init_source"]
+    src.unlink()  # the source is gone: resuming must not need it
+    assert main(_cli(shards, out, epochs=2) + ["--init-from", str(src), "--resume"]) == 0
+    got = load_checkpoint(out / CHECKPOINT_FILE)
+    assert got["epoch"] == 2 and got["config"]["model"]["init_source"] == record
+    assert json.loads((out / CONFIG_FILE).read_text())["model"]["init_source"] == record
+
+
+def test_init_from_with_all_folds_and_jobs(shards, straight, tmp_path):
+    src = straight[0] / CHECKPOINT_FILE
+    out = tmp_path / "folds"
+    assert main(_cli(shards, out, epochs=1) + ["--all-folds", "--jobs", "2", "--init-from", str(src)]) == 0
+    for k in range(3):
+        record = json.loads((out / f"fold-{k}" / CONFIG_FILE).read_text())["model"]["init_source"]
+        assert record["sha256"] == _sha256(src), k
+    # A run of every fold is no source: which fold's model to start from is for the user to say.
+    assert main(_cli(shards, tmp_path / "again", epochs=1) + ["--init-from", str(out)]) == 2
+
+
+def test_init_from_a_foreign_file_or_another_architecture_exits_2(shards, straight, tmp_path, capsys):
+    from agecl.model import AgeModel
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(AgeModel(0, 1).backbone.state_dict(), weights)  # backbone weights: model.pretrained's kind
+    out = tmp_path / "x"
+    assert main(_cli(shards, out) + ["--init-from", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: not an agecl checkpoint" in err and "Traceback" not in err
+    src = straight[0] / CHECKPOINT_FILE
+    assert main(_cli(shards, out) + ["--init-from", str(src), "--arch", "resnet34"]) == 2
+    assert f"{src}: a resnet18 model; this run's is resnet34" in capsys.readouterr().err
+    assert main(_cli(shards, out) + ["--all-folds", "--init-from", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt: no such checkpoint file" in capsys.readouterr().err
+    assert not out.exists() or not any(out.rglob(CHECKPOINT_FILE)), "a refused source trains nothing"

@@ -1,0 +1,113 @@
+"""Fine-tuning: a new run that starts from another agecl run's weights (`agecl-train --init-from`).
+
+    source = load_source("runs/morph-se-fold0", "resnet18")   # the checkpoint, checked
+    record = describe(source)                                 # config.json's model.init_source
+    report = init_model(model, source)                        # backbone, then the head by age
+
+What is taken: the whole backbone, and the age head class by class by age value. Class j of the
+new head is the age min_age + j; where the source's head has that age its row (weights and bias)
+is copied, and an age the source never had keeps the new head's fresh initialisation. So a
+MORPH model (ages 16-77) fine-tuned on FG-NET (0-69) starts with ages 16-69 known and 0-15 fresh.
+
+What is refused (CheckpointError, naming the file and the reason): a missing file, a file that
+is not an agecl checkpoint (a torchvision state_dict belongs in model.pretrained), a checkpoint of
+another architecture, and a run folder of every fold (`--all-folds` writes fold-<k>/ folders): it
+holds one model a fold and which one to start from is the user's choice, so name one fold's
+checkpoint.pt. A run of `--all-folds` with --init-from starts every fold from that one checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from agecl.checkpoint import CheckpointError, load_checkpoint
+from agecl.model import AgeModel, strip_prefixes
+
+CHECKPOINT_FILE = "checkpoint.pt"  # a run folder's checkpoint (agecl.train writes it)
+
+
+def resolve_path(init_from: str) -> Path:
+    """The checkpoint file that `init_from` names: the file itself, or a run folder's checkpoint.pt."""
+    path = Path(init_from)
+    if not path.is_dir():
+        return path  # a file, or nothing (load_checkpoint says "no such checkpoint file")
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
+    folds = sorted((p for p in path.glob("fold-*") if (p / CHECKPOINT_FILE).is_file()), key=lambda p: p.name)
+    if folds:
+        raise CheckpointError(
+            f"{path}: a run of every fold ({len(folds)} fold folders, one model each); name the checkpoint to "
+            f"start from, e.g. {folds[0] / CHECKPOINT_FILE}"
+        )
+    raise CheckpointError(f"{path}: a folder without {CHECKPOINT_FILE} (not a run folder of agecl-train)")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_source(init_from: str, arch: str) -> dict:
+    """The source checkpoint of `init_from`, checked to fit a model of `arch`; it also carries
+    "sha256" (of the file). Raises CheckpointError naming the file and the reason."""
+    path = resolve_path(init_from)
+    ckpt = load_checkpoint(path, map_location="cpu")  # refuses a missing, corrupt or foreign file
+    source_arch = ckpt["config"].get("model", {}).get("arch", "resnet18")
+    if source_arch != arch:
+        raise CheckpointError(
+            f"{path}: a {source_arch} model; this run's is {arch}. Fine-tuning keeps the architecture: "
+            f"add --arch {source_arch}"
+        )
+    state = strip_prefixes(ckpt["model"])
+    if "head.weight" not in state or "head.bias" not in state:
+        raise CheckpointError(f"{path}: its model has no age head (head.weight, head.bias)")
+    ckpt["sha256"] = sha256_file(path)
+    return ckpt
+
+
+def describe(source: dict) -> dict:
+    """What a run records of its source (config.json's model.init_source): enough to find the file
+    again and to know it is the same one (sha256), and how it was trained."""
+    return {
+        "path": str(Path(source["path"]).resolve()),
+        "sha256": source["sha256"],
+        "arch": source["config"].get("model", {}).get("arch", "resnet18"),
+        "min_age": int(source["min_age"]),
+        "max_age": int(source["max_age"]),
+        "epoch": int(source["epoch"]),
+        "template": dict(source["template"]),
+        "config": source["config"],
+    }
+
+
+def init_model(model: AgeModel, source: dict) -> str:
+    """Load the source's backbone into `model` and its head rows of the ages both heads have.
+    Returns a one-line report. Raises CheckpointError when the weights do not fit."""
+    state = strip_prefixes(source["model"])
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        model.backbone.load_state_dict(backbone, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source['path']}: its backbone does not fit this run's {model.arch}: {e}") from e
+    weight, bias = state["head.weight"], state["head.bias"]  # (A_source, D), (A_source,)
+    if weight.shape[1] != model.head.weight.shape[1]:
+        raise CheckpointError(
+            f"{source['path']}: its head takes {weight.shape[1]}-d features, this run's {model.head.weight.shape[1]}-d"
+        )
+    src_min, src_max = int(source["min_age"]), int(source["min_age"]) + weight.shape[0] - 1
+    lo, hi = max(model.min_age, src_min), min(model.max_age, src_max)  # the ages both heads have
+    with torch.no_grad():
+        if lo <= hi:
+            new, old = slice(lo - model.min_age, hi - model.min_age + 1), slice(lo - src_min, hi - src_min + 1)
+            model.head.weight[new] = weight[old].to(model.head.weight.dtype)
+            model.head.bias[new] = bias[old].to(model.head.bias.dtype)
+    shared = f"ages {lo}-{hi} from its head" if lo <= hi else "no age in common with its head"
+    fresh = model.num_classes - max(0, hi - lo + 1)
+    return (f"init from {source['path']} ({src_min}-{src_max}, epoch {source['epoch']}): backbone, {shared}, "
+            f"{fresh} of {model.num_classes} age classes fresh")
