@@ -5,7 +5,8 @@ first epoch with a message naming the file and the sample:
 
 - the manifest (format version) and the index dtype (`agecl.format`);
 - the index against the manifest (sample count, shard numbers, identity numbers);
-- every shard file exists, and every sample's JPEG lies inside its shard (a truncated tar);
+- every shard file exists, ends in the end-of-archive blocks of a whole tar, and every sample's JPEG
+  lies inside its shard (a truncated tar);
 - every JPEG starts with the SOI marker FF D8 and ends with the EOI marker FF D9 (vectorised over
   the memory maps: four bytes a sample);
 - every JPEG's CRC-32 equals the one recorded at build time (`checksums.npy`, when present): a
@@ -102,6 +103,17 @@ class ShardSet:
                 f"{fmt.shard_path(self.root, s)}: truncated tar ({sizes[s]} bytes): {self.sample_name(i, path=False)} "
                 f"needs bytes [{self._offset[i]}, {end[i]}); {int(beyond.sum())} sample(s) affected"
             )
+        for s in range(self.num_shards):
+            # A whole tar ends in two zero blocks: a cut that spares every JPEG still loses the
+            # last sample's other members (its .json), which WebDataset readers need.
+            path = fmt.shard_path(self.root, s)
+            with open(path, "rb") as f:
+                f.seek(max(0, sizes[s] - 1024))
+                tail = f.read()
+            if sizes[s] % 512 or len(tail) < 1024 or tail.count(0) != len(tail):
+                last = int(np.searchsorted(self._shard, s, side="right")) - 1
+                where = f"its last sample, {self.sample_name(last, path=False)}," if last >= 0 and self._shard[last] == s else "it"
+                raise fmt.FormatError(f"{path}: truncated tar ({sizes[s]} bytes, no end-of-archive blocks): {where} is cut")
 
     def verify(self) -> None:
         """Check that every JPEG starts with FF D8 and ends with FF D9 (four bytes a sample)."""
