@@ -285,8 +285,8 @@ def _check_finite(values: Sequence[float], epoch: int, first_step: int, step: in
     steps = f"step {step}" if first_step >= step else f"steps {first_step}-{step}"
     raise TrainError(
         f"the loss became non-finite in epoch {epoch}, {steps} ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
-        f"training stopped and {kept}. Lower the learning rate (--lr, now too high?) and train a new run "
-        "folder (--out), or resume from the kept checkpoint"
+        f"training stopped and {kept}. Lower the learning rate (--lr) and start a new run folder (--out): "
+        "a resumed run keeps its configuration"
     )
 
 
