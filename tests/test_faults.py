@@ -83,11 +83,11 @@ def test_a_byte_flipped_after_the_build_is_named_at_open(tmp_path):
 
 def test_a_diverging_loss_stops_naming_epoch_and_steps(tmp_path, capsys):
     out = tmp_path / "syn"
-    assert build_main(["--synthetic", "24", "--out", str(out), "--folds", "2", "--quiet"]) == 0
+    assert build_main(["--synthetic", "60", "--out", str(out), "--folds", "3", "--quiet"]) == 0
     run = tmp_path / "run"
     argv = ["--shards", str(out), "--epochs", "1", "--image-size", "32", "--set", "loader.image_size=32",
             "--batch-size", "4", "--device", "cpu", "--loader", "torch", "--workers", "0", "--log-every", "100",
-            "--lr", "1e38", "--out", str(run), "--quiet"]  # fmt: skip
+            "--lr", "1e34", "--out", str(run), "--quiet"]  # fmt: skip
     capsys.readouterr()
     assert train_main(argv) == 2
     err = capsys.readouterr().err
