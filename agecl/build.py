@@ -67,7 +67,7 @@ import numpy as np
 from . import __version__
 from . import format as fmt
 from . import shards, spill, splits
-from .atomic import atomic_path, write_json
+from .atomic import EXIT_DISK_FULL, atomic_path, disk_full_message, write_json
 from .datasets import AAF_SPLIT, DATASETS, DatasetError, Inputs, Record, read_dataset
 
 STAGING_DIR = ".staging"
@@ -646,6 +646,10 @@ several machines: chunk j belongs to part (j % k) + 1.
 
 photos: files ending in .jpg .jpeg .png .bmp .tif .tiff .webp (any case); other files are ignored.
 Every photo ends in a shard or in <out>/rejects.jsonl with its reason.
+
+exit status: 0 done (or already complete); 2 bad arguments, inputs or staging folder; 75 out of
+  disk space or over the file-size limit (the message names the file: free space and run the same
+  command again; finished chunks are kept); 130 interrupted. --debug shows tracebacks.
 """
 
 
@@ -697,6 +701,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rebuild a complete set from scratch")
     run.add_argument("--keep-staging", action="store_true", help="keep <out>/.staging after the manifest is written")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its message")
     return p
 
 
@@ -966,8 +971,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return build(args)
     except (BuildError, DatasetError, splits.SplitError, fmt.FormatError) as e:
+        if args.debug:
+            raise
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:
+        # The disk filled up (or a file size limit was hit): finished chunks are kept, temporaries removed.
+        message = disk_full_message(e, args.out, "run the same command again: finished chunks are kept")
+        if message is None or args.debug:
+            raise
+        print(f"make_shards: error: {message}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         print(f"make_shards: interrupted; finished chunks are kept in {Path(args.out) / STAGING_DIR}: "
               "run the same command again to resume", file=sys.stderr)

@@ -196,8 +196,8 @@ def save_checkpoint(
         "meta": {"agecl": __version__, "torch": str(torch.__version__)},
     }
     ckpt = _plain(ckpt, "")
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(ckpt, f)  # through a Python file: a failed write keeps its errno (disk full)
     return ckpt
 
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from agecl import __version__
 from agecl import format as fmt
-from agecl.atomic import atomic_path, write_bytes, write_json
+from agecl.atomic import EXIT_DISK_FULL, atomic_path, disk_full_message, write_bytes, write_json
 from agecl.checkpoint import CheckpointError, load_model
 from agecl.model import IMAGENET_MEAN, IMAGENET_STD, AgeModel
 from agecl.predict import centre_crop_offset
@@ -346,7 +346,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "Each artifact gets a JSON sidecar <artifact>.json with the preprocessing, and is verified against "
         "the checkpoint.",
         epilog="exit status: 0 written and verified; 1 a verification exceeded the tolerance; 2 bad arguments "
-        "or checkpoint\n\nexample:\n"
+        "or checkpoint; 75 out of disk space (the message names the file: free space and run the same command "
+        "again); --debug shows tracebacks\n\nexample:\n"
         "  agecl-export --checkpoint runs/fgnet/checkpoint.pt --onnx age.onnx --export age.pt2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -356,6 +357,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="PATH", help="write a torch.export program (.pt2, torch.export.load)")
     p.add_argument("--probs", action="store_true", help="also output the age distribution (N, A)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the artifacts back and comparing")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its message")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="max abs difference allowed, years (default %(default)g)")
     return p
@@ -376,9 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = export(args.checkpoint, outputs, probs=args.probs, check=not args.no_verify,
                         tolerance=args.tolerance, log=lambda msg: print(msg, file=sys.stderr))
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"agecl-export: error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ValueError, OSError, RuntimeError) as e:
+        message = disk_full_message(e, Path(next(iter(outputs.values()))).parent)
+        if args.debug or (isinstance(e, RuntimeError) and message is None):
+            raise
+        print(f"agecl-export: error: {message or e}", file=sys.stderr)
+        return EXIT_DISK_FULL if message else 2
     failed = [k for k, meta in result.items() if meta["verification"] and not meta["verification"]["passed"]]
     for kind, path in outputs.items():
         print(f"{kind}: {path} (+ {sidecar_path(path).name})")

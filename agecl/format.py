@@ -33,6 +33,9 @@ IMAGE_SIZE = 256  # side of the aligned face stored in a shard, pixels
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.npy"
 IDENTITIES_FILE = "identities.json"
+# (N,) uint32 CRC-32 of every sample's JPEG bytes, in index order; checked when a set is opened.
+# Optional: sets written before it have none.
+CHECKSUMS_FILE = "checksums.npy"
 REJECTS_FILE = "rejects.jsonl"
 SPLITS_DIR = "splits"
 SHARD_PATTERN = "shard-{:05d}.tar"

@@ -49,6 +49,7 @@ from agecl.align import (
     align_face,
     load_photo,
 )
+from agecl.atomic import EXIT_DISK_FULL, disk_full_message
 from agecl.checkpoint import CheckpointError, load_model
 from agecl.datasets import PHOTO_EXTENSIONS  # the suffixes (lower-cased) a folder walk picks up
 from agecl.format import template_border
@@ -473,13 +474,17 @@ def draw_ages(image: np.ndarray, records: Sequence[FaceAge]):
 
 def save_annotated(image: np.ndarray, records: Sequence[FaceAge], path: Path) -> None:
     """Write `draw_ages(image, records)` to `path` (format from its suffix), atomically."""
-    from agecl.atomic import atomic_path
+    import io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from agecl.atomic import write_bytes
+
     im = draw_ages(image, records)
     fmt = _SAVE_FORMATS.get(path.suffix.lower(), "PNG")
-    with atomic_path(path) as tmp:
-        im.save(tmp, format=fmt, **({"quality": 92} if fmt in ("JPEG", "WEBP") else {}))
+    # Encoded in memory, then written by Python: Pillow's encoder ignores a short write to a file
+    # (a full disk left a truncated image behind), Python's raises.
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **({"quality": 92} if fmt in ("JPEG", "WEBP") else {}))
+    write_bytes(path, buf.getvalue())
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -495,7 +500,9 @@ output:
 
 exit status:
   0 at least one face got an age; 1 no face got an age (no photos, or all unreadable or
-  faceless); 2 bad arguments or an unusable checkpoint; 130 interrupted.
+  faceless); 2 bad arguments or an unusable checkpoint; 75 out of disk space writing --annotate
+  or -o (the message names the file: free space and run the same command again); 130
+  interrupted. --debug shows tracebacks.
 
 examples:
   agecl-predict photo.jpg --checkpoint runs/fgnet/checkpoint.pt
@@ -533,6 +540,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-face", type=int, default=40,
                    help="smallest face searched, pixels of that copy (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its message")
     return p
 
 
@@ -606,9 +614,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return run(args)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"agecl-predict: error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ValueError, OSError, RuntimeError) as e:
+        message = disk_full_message(e, args.annotate or args.output or ".")
+        if args.debug or (isinstance(e, RuntimeError) and message is None):
+            raise
+        print(f"agecl-predict: error: {message or e}", file=sys.stderr)
+        return EXIT_DISK_FULL if message else 2
     except KeyboardInterrupt:
         print("agecl-predict: interrupted", file=sys.stderr)
         return 130

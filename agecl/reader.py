@@ -5,9 +5,12 @@ first epoch with a message naming the file and the sample:
 
 - the manifest (format version) and the index dtype (`agecl.format`);
 - the index against the manifest (sample count, shard numbers, identity numbers);
-- every shard file exists, and every sample's JPEG lies inside its shard (a truncated tar);
+- every shard file exists, ends in the end-of-archive blocks of a whole tar, and every sample's JPEG
+  lies inside its shard (a truncated tar);
 - every JPEG starts with the SOI marker FF D8 and ends with the EOI marker FF D9 (vectorised over
-  the memory maps: four bytes a sample).
+  the memory maps: four bytes a sample);
+- every JPEG's CRC-32 equals the one recorded at build time (`checksums.npy`, when present): a
+  byte flipped after the build is named before training starts.
 
 Nothing parses a tar at read time: the index gives (shard, offset, size) and `jpeg(i)` is a
 zero-copy uint8 view into the shard's read-only memory map, opened once per process, lazily.
@@ -17,6 +20,7 @@ A `ShardSet` pickles without its maps (DataLoader workers reopen them on first u
 from __future__ import annotations
 
 import mmap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +103,17 @@ class ShardSet:
                 f"{fmt.shard_path(self.root, s)}: truncated tar ({sizes[s]} bytes): {self.sample_name(i, path=False)} "
                 f"needs bytes [{self._offset[i]}, {end[i]}); {int(beyond.sum())} sample(s) affected"
             )
+        for s in range(self.num_shards):
+            # A whole tar ends in two zero blocks: a cut that spares every JPEG still loses the
+            # last sample's other members (its .json), which WebDataset readers need.
+            path = fmt.shard_path(self.root, s)
+            with open(path, "rb") as f:
+                f.seek(max(0, sizes[s] - 1024))
+                tail = f.read()
+            if sizes[s] % 512 or len(tail) < 1024 or tail.count(0) != len(tail):
+                last = int(np.searchsorted(self._shard, s, side="right")) - 1
+                where = f"its last sample, {self.sample_name(last, path=False)}," if last >= 0 and self._shard[last] == s else "it"
+                raise fmt.FormatError(f"{path}: truncated tar ({sizes[s]} bytes, no end-of-archive blocks): {where} is cut")
 
     def verify(self) -> None:
         """Check that every JPEG starts with FF D8 and ends with FF D9 (four bytes a sample)."""
@@ -123,6 +138,30 @@ class ShardSet:
                     f"{self.sample_name(i)}: not a complete JPEG (starts {head}, ends {tail}; expected "
                     f"ff d8 ... ff d9); {len(bad)} bad sample(s) in this shard"
                 )
+        self._verify_checksums()
+
+    def _verify_checksums(self) -> None:
+        """Every JPEG's CRC-32 against checksums.npy, when the set has one (bytes changed after the
+        build: a bad disk, a bad copy). Reads every byte once (about 1 GB/s)."""
+        path = self.root / fmt.CHECKSUMS_FILE
+        if not path.is_file():
+            return
+        try:
+            expected = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise fmt.FormatError(f"{path}: unreadable checksums ({e})") from e
+        if expected.shape != (len(self),):
+            raise fmt.FormatError(f"{path}: {expected.shape} checksums, the index has {len(self)} samples")
+        for s in range(self.num_shards):
+            lo, hi = np.searchsorted(self._shard, [s, s + 1])
+            data = self._map(s) if hi > lo else None
+            for i in range(lo, hi):
+                o = int(self._offset[i])
+                if zlib.crc32(data[o : o + int(self._size[i])]) != int(expected[i]):
+                    raise fmt.FormatError(
+                        f"{self.sample_name(i)}: the JPEG's bytes changed after the build (CRC-32 differs from "
+                        f"{fmt.CHECKSUMS_FILE}); restore the shard from a good copy or rebuild the set"
+                    )
 
     # ------------------------------------------------------------------------------------------
     # Memory maps (one per shard and process, opened on first use)

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -193,9 +194,25 @@ def age_histogram(ages: np.ndarray) -> dict[str, int]:
     return {fmt.age_bin_label(lo, hi): int(((ages >= lo) & (ages <= hi)).sum()) for lo, hi in fmt.AGE_BINS}
 
 
+def jpeg_checksums(out: Path | str, index: np.ndarray) -> np.ndarray:
+    """(N,) uint32 CRC-32 of every sample's JPEG as it lies in the shard files of `out`."""
+    crcs = np.zeros(len(index), np.uint32)
+    for shard in np.unique(index["shard"]):
+        data = fmt.shard_path(out, int(shard)).read_bytes()
+        for i in np.flatnonzero(index["shard"] == shard):
+            o, n = int(index["offset"][i]), int(index["size"][i])
+            crcs[i] = zlib.crc32(data[o : o + n])
+    return crcs
+
+
 def write_manifest(out: Path | str, written: WrittenSamples, **fields) -> dict:
-    """Write `manifest.json` last: it marks the set complete. `fields` add to (and may override)
-    what is derived from the samples (dataset, template, command, versions, splits, ...)."""
+    """Write the checksums of the samples as they lie on disk (read back: a byte that changes
+    later is caught when the set is opened), then `manifest.json`, last: it marks the set
+    complete. `fields` add to (and may override) what is derived from the samples (dataset,
+    template, command, versions, splits, ...)."""
+    with atomic_path(Path(out) / fmt.CHECKSUMS_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, jpeg_checksums(out, written.index))
     ages = written.index["age"]
     manifest = {
         "format_version": fmt.FORMAT_VERSION,

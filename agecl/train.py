@@ -51,7 +51,7 @@ from agecl import evaluate as ev
 from agecl import finetune
 from agecl import format as fmt
 from agecl import plots
-from agecl.atomic import write_json, write_text
+from agecl.atomic import EXIT_DISK_FULL, DiskFullError, disk_full_message, is_disk_full, write_json, write_text
 from agecl.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, set_rng_state
 from agecl.config import TrainConfig, apply_overrides, describe, from_dict, to_dict
 from agecl.loader import build_eval_loader, build_train_loader
@@ -84,7 +84,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Train an age model with contrastive triplets (Chae et al., arXiv 2308.11896) on a shard set. "
         "Defaults are the paper's: Adam, lr 0.001, 100 epochs, 64 triplets a batch, 224 crops.",
         epilog="Order of precedence: defaults < --config < --preset < the flags above < --set. "
-        "Multi-GPU: torchrun --nproc_per_node N -m agecl.train ...",
+        "Multi-GPU: torchrun --nproc_per_node N -m agecl.train ... "
+        "Exit status: 0 done; 2 bad arguments, shard set or checkpoint, or a loss that became non-finite "
+        f"(the last good checkpoint is kept); {EXIT_DISK_FULL} out of disk space (free space, then the same "
+        "command with --resume continues); 130 interrupted. --debug shows tracebacks.",
     )
     p.add_argument("--shards", help="shard folder written by tools/make_shards.py (required unless --config names one)")
     p.add_argument("--config", metavar="FILE", help="start from a saved configuration: a run's config.json (or its "
@@ -121,6 +124,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (default: <shard folder>-<protocol>-fold<k>; with --all-folds <shard folder>-<protocol>)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its message")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config field, e.g. --set loss.triplet=1 --set loader.rotate_degrees=10 (repeatable; unknown keys are an error)")
     return p
@@ -298,8 +302,34 @@ def _template(manifest: dict) -> dict:
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a line cut short is dropped on --resume (_truncate_metrics)
+        if is_disk_full(e):
+            raise DiskFullError(e.errno, path, RESUME_HINT) from e
+        raise
+
+
+RESUME_HINT = "run the same command with --resume: it continues from the last checkpoint"
+
+
+def _check_finite(values: Sequence[float], epoch: int, first_step: int, step: int, ckpt_path: Path,
+                  done_epochs: int) -> None:
+    """Stop a diverged run, at a sync point (the values are on the host already: no extra sync).
+
+    Raised before the checkpoint of the epoch is written, so the last good one stays."""
+    if math.isfinite(values[0]):  # the weighted total: what the optimizer follows
+        return
+    bad = {k: v for k, v in zip(LOG_KEYS, values) if not math.isfinite(v)}
+    kept = (f"{ckpt_path} keeps epoch {done_epochs}, the last good one" if done_epochs > 0
+            else "no checkpoint was written")
+    steps = f"step {step}" if first_step >= step else f"steps {first_step}-{step}"
+    raise TrainError(
+        f"the loss became non-finite in epoch {epoch}, {steps} ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
+        f"training stopped and {kept}. Lower the learning rate (--lr) and start a new run folder (--out): "
+        "a resumed run keeps its configuration"
+    )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -516,6 +546,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
                 # Logging: this is a CPU-GPU sync point (the all-reduce and .tolist() wait for the step).
                 packed = torch.cat([interval_sum / (interval_steps * world), interval_sum.new_tensor([interval_images])])
                 *values, images_now = dist.all_reduce(packed, "sum").tolist()  # means over ranks, images summed
+                _check_finite(values, epoch + 1, step - interval_steps + 1, step, ckpt_path, epoch)
                 now = time.time()
                 row = {"kind": "step", "epoch": epoch + 1, "step": step, **dict(zip(LOG_KEYS, values)), "lr": lr,
                        "images_per_sec": images_now / max(now - t_log, 1e-9)}
@@ -531,6 +562,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
         packed = dist.all_reduce(torch.cat([epoch_sum.double(), counts.to(device)]), "sum").tolist()
         anchors, images_done, fallbacks = (int(v) for v in packed[n_terms:])
         means = [v / max(anchors, 1) for v in packed[:n_terms]]  # triplet-weighted epoch means
+        _check_finite(means, epoch + 1, step - steps_per_epoch + 1, step, ckpt_path, epoch)
         epoch_time = time.time() - t_epoch
         row = {"kind": "epoch", "epoch": epoch + 1, "step": step, **dict(zip(LOG_KEYS, means)), "lr": lr,
                "images_per_sec": images_done / max(epoch_time, 1e-9), "epoch_time_s": epoch_time,
@@ -693,6 +725,7 @@ def _train_quietly(cfg: TrainConfig, resume: bool) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """`agecl-train`: parse, build the config, run one fold or all of them."""
     args = get_args_parser().parse_args(argv)
+    cfg = None
     try:
         if args.jobs < 1 or (args.jobs > 1 and not args.all_folds):
             raise ValueError(f"--jobs {args.jobs}: needs --all-folds and a value >= 1")
@@ -703,8 +736,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             train(cfg, resume=args.resume, quiet=args.quiet)
     except (TrainError, CheckpointError, PretrainedError, fmt.FormatError, ValueError, KeyError) as e:
         # Bad input (an unknown key, a foreign checkpoint, a bad shard set): the message, no traceback.
+        if args.debug:
+            raise
         print(f"agecl-train: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:
+        # The disk filled up: the last checkpoint is intact (written atomically), temporaries removed.
+        message = disk_full_message(e, cfg.out if cfg is not None and cfg.out else "the run folder", RESUME_HINT)
+        if message is None or args.debug:
+            raise
+        print(f"agecl-train: error: {message}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         print("agecl-train: interrupted; the last finished epoch is in checkpoint.pt: run the same command "
               "with --resume to continue", file=sys.stderr)
