@@ -521,6 +521,18 @@ def _disk_full_message(r: Run, t: Tally) -> bool:
     return ok
 
 
+def _score_disk_trial(t: Tally, clean: bool, same: bool, why: str) -> None:
+    """Count a full-disk trial: its first run ended in a clean error (`clean`), and the same
+    command run again with room gave the reference result (`same`; otherwise `why` is noted)."""
+    t.clean_errors += clean
+    if same:
+        t.survived += 1
+    elif not clean:
+        t.other += 1
+    if not same:
+        t.note(why)
+
+
 def disk_build(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
     _fresh(out)
     limit = int(np.exp(rng.uniform(np.log(2048), np.log(_largest_file(s.ref_shards) - 1))))
@@ -531,13 +543,7 @@ def disk_build(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
     _count_runs(t, first, again)
     ok, why, lost = in_child(same_shards, s.ref_shards, out)
     t.lost += lost
-    t.clean_errors += clean
-    if again.rc == 0 and ok:
-        t.survived += 1
-    elif not clean:
-        t.other += 1
-    if not ok:
-        t.note(f"rebuild: {why}")
+    _score_disk_trial(t, clean, again.rc == 0 and ok, f"rebuild: {why}")
 
 
 def disk_checkpoint(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
@@ -558,13 +564,7 @@ def disk_checkpoint(s: Setting, t: Tally, rng: random.Random, out: Path) -> None
     again = run(train_cli.main, s.train_argv(out))
     _count_runs(t, first, again)
     ok, why = in_child(same_run, s.ref_run, out) if again.rc == 0 else (False, again.output[-300:])
-    t.clean_errors += clean
-    if ok:
-        t.survived += 1
-    elif not clean:
-        t.other += 1
-    if not ok:
-        t.note(f"resumed: {why}")
+    _score_disk_trial(t, clean, ok, f"resumed: {why}")
 
 
 def disk_annotate(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
@@ -578,13 +578,7 @@ def disk_annotate(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
     names = lambda d: sorted(p.name for p in d.rglob("*") if p.is_file())  # noqa: E731
     same = again.rc == 0 and again.output == s.ref_predict_output and names(out) == names(s.ref_annotate) and all(
         (out / n).read_bytes() == (s.ref_annotate / n).read_bytes() for n in names(out))
-    t.clean_errors += clean
-    if same:
-        t.survived += 1
-    elif not clean:
-        t.other += 1
-    if not same:
-        t.note(f"rerun rc {again.rc}: output or annotations differ")
+    _score_disk_trial(t, clean, same, f"rerun rc {again.rc}: output or annotations differ")
 
 
 def disk_export(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
@@ -597,13 +591,7 @@ def disk_export(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
     _count_runs(t, first, again)
     sidecars = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     verified = again.rc == 0 and len(sidecars) == 3 and all(m["verification"]["passed"] for m in sidecars)
-    t.clean_errors += clean
-    if verified:
-        t.survived += 1
-    elif not clean:
-        t.other += 1
-    if not verified:
-        t.note(f"rerun rc {again.rc}: {again.output[-300:]}")
+    _score_disk_trial(t, clean, verified, f"rerun rc {again.rc}: {again.output[-300:]}")
 
 
 def _clean_error(t: Tally, r: Run, *must: str, before_training: Path | None = None) -> None:
