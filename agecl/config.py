@@ -13,11 +13,16 @@ import typing
 from dataclasses import dataclass, field
 
 
+# DataConfig.fold of a run with no test fold: it trains on every sample the protocol places in a
+# fold (the model to carry forward once a recipe is chosen; `agecl-train --fold none`).
+NO_TEST_FOLD = -1
+
+
 @dataclass
 class DataConfig:
     shards: str = ""  # shard folder written by tools/make_shards.py
     protocol: str = ""  # split name under <shards>/splits ("" = the manifest's default_protocol)
-    fold: int = 0  # test fold; training uses every other fold
+    fold: int = 0  # test fold; training uses every other fold (NO_TEST_FOLD: every fold, no test)
     min_age: int = -1  # lowest age class (-1: from the manifest)
     max_age: int = -1  # highest age class (-1: from the manifest)
 

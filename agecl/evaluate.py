@@ -39,6 +39,7 @@ from torch import nn
 from agecl import format as fmt
 from agecl import plots
 from agecl.atomic import atomic_path, write_json, write_text
+from agecl.config import NO_TEST_FOLD
 from agecl.model import unwrap
 
 RESULTS_FILE = "results.json"
@@ -48,6 +49,7 @@ SCATTER_PLOT = "pred_vs_true.png"
 AGE_GROUP_PLOT = "mae_by_age.png"
 CURVES_PLOT = plots.CURVES_PLOT
 FOLD_DIR_GLOB = "fold-*"
+ALL_PROTOCOL = "all"  # results.json's protocol of `agecl-eval --all`: every sample of a set is tested
 
 CS_THRESHOLD = 5.0  # years: CS(5), the paper's cumulative score
 
@@ -587,6 +589,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="shard folder (default: the checkpoint's data.shards)")
     p.add_argument("--protocol", help="split name (default: the checkpoint's, else the manifest's default)")
     p.add_argument("--fold", type=int, help="test fold (default: the checkpoint's)")
+    p.add_argument("--all", action="store_true",
+                   help="--checkpoint: test on every sample of --shards, no protocol or fold (a model trained on "
+                   "another dataset, zero-shot)")
     p.add_argument("--folds", type=int, help="--aggregate: how many folds the protocol has (default: recorded)")
     p.add_argument("--loader", choices=("torch", "dali"), help="default: the checkpoint's loader.loader")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -618,22 +623,40 @@ def _evaluate_checkpoint(args) -> dict:
     if not shards:
         raise SystemExit("agecl-eval: the checkpoint names no shard folder; pass --shards")
     shard_set = ShardSet(shards)
-    default_protocol = shard_set.manifest.get("default_protocol")
-    trained_on = (data.get("protocol") or default_protocol, int(data.get("fold", 0)))
-    protocol = args.protocol or trained_on[0]
-    if not protocol:
-        raise SystemExit("agecl-eval: no protocol in the checkpoint or the manifest; pass --protocol")
-    fold = trained_on[1] if args.fold is None else args.fold
-    if (protocol, fold) != trained_on:
-        # Never report a number measured on images the model trained on without saying so.
-        print(
-            f"agecl-eval: WARNING: the checkpoint was trained for {trained_on[0]} fold {trained_on[1]}; "
-            f"{protocol} fold {fold}'s test images may have been in its training set",
-            file=sys.stderr,
-        )
-    test_ids = shard_set.split_ids(protocol, fold, "test")
-    train_ids = shard_set.split_ids(protocol, fold, "train")
-    baseline = mean_age_baseline(shard_set.ages[train_ids], shard_set.ages[test_ids])
+    if args.all:
+        if args.protocol or args.fold is not None:
+            raise ValueError("--all tests on every sample: it takes no --protocol or --fold")
+        if data.get("shards") and Path(data["shards"]).resolve() == shard_set.root.resolve():
+            print(f"agecl-eval: WARNING: the checkpoint was trained on {shards}: --all includes its training images",
+                  file=sys.stderr)
+        # Zero-shot: the whole set is the test set, and there is no training part to take a
+        # mean-age baseline from (the model's own training ages are in another shard set).
+        protocol, fold = ALL_PROTOCOL, 0
+        test_ids = np.arange(len(shard_set), dtype=np.int64)
+        train_ids = np.zeros(0, dtype=np.int64)
+        baseline = None
+    else:
+        default_protocol = shard_set.manifest.get("default_protocol")
+        trained_on = (data.get("protocol") or default_protocol, int(data.get("fold", 0)))
+        protocol = args.protocol or trained_on[0]
+        if not protocol:
+            raise SystemExit("agecl-eval: no protocol in the checkpoint or the manifest; pass --protocol")
+        fold = trained_on[1] if args.fold is None else args.fold
+        if fold == NO_TEST_FOLD:
+            raise ValueError(
+                f"{args.checkpoint}: trained on every fold of {trained_on[0]} (no test fold): test it on another "
+                "shard set with --shards DIR --all, or name a --fold (whose images it trained on)"
+            )
+        if (protocol, fold) != trained_on:
+            # Never report a number measured on images the model trained on without saying so.
+            print(
+                f"agecl-eval: WARNING: the checkpoint was trained for {trained_on[0]} fold {trained_on[1]}; "
+                f"{protocol} fold {fold}'s test images may have been in its training set",
+                file=sys.stderr,
+            )
+        test_ids = shard_set.split_ids(protocol, fold, "test")
+        train_ids = shard_set.split_ids(protocol, fold, "train")
+        baseline = mean_age_baseline(shard_set.ages[train_ids], shard_set.ages[test_ids])
 
     from agecl.train import choose_precision  # here: agecl.train imports this module
 
@@ -649,14 +672,19 @@ def _evaluate_checkpoint(args) -> dict:
     loader = build_eval_loader(shard_set, test_ids, lcfg, device=device, batch_size=args.batch_size)
     preds = predict(model, loader, autocast)
     m = metrics(preds.expected, preds.ages, preds.identities, preds.features, preds.probs)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{protocol}-fold-{fold}"
+    if args.out:
+        out = Path(args.out)
+    elif args.all:
+        out = Path(args.checkpoint).parent / f"eval-{shard_set.root.resolve().name}-all"
+    else:
+        out = Path(args.checkpoint).parent / f"eval-{protocol}-fold-{fold}"
     results = write_fold_results(
         out,
         preds,
         m,
         protocol,
         fold,
-        n_folds=int(shard_set.split(protocol).max()) + 1,
+        n_folds=1 if args.all else int(shard_set.split(protocol).max()) + 1,
         extra={
             "mean_age_baseline": baseline,
             "checkpoint": str(args.checkpoint),
@@ -667,7 +695,8 @@ def _evaluate_checkpoint(args) -> dict:
             "n_train": int(len(train_ids)),
         },
     )
-    print(f"{args.checkpoint}: {protocol} fold {fold}, {len(preds)} test images")
+    where = f"every sample of {shards}" if args.all else f"{protocol} fold {fold}"
+    print(f"{args.checkpoint}: {where}, {len(preds)} test images")
     print(format_metrics(m, baseline))
     print(f"wrote {out / RESULTS_FILE} and {out / PREDICTIONS_FILE}")
     return results

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
+from .config import NO_TEST_FOLD
 
 SOI = (0xFF, 0xD8)  # JPEG start-of-image marker
 EOI = (0xFF, 0xD9)  # JPEG end-of-image marker
@@ -221,12 +222,15 @@ class ShardSet:
         """Sample ids (int64, ascending) of one part of a protocol fold.
 
         part "test": the samples of fold `fold`; "train": the samples of every other fold
-        (samples in no fold, -1, are in neither).
+        (samples in no fold, -1, are in neither). Fold NO_TEST_FOLD (-1) has no test part and
+        trains on every fold.
         """
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         folds = self.split(protocol)
         n_folds = int(folds.max()) + 1 if len(folds) else 0
+        if fold == NO_TEST_FOLD:
+            return np.flatnonzero(folds >= 0).astype(np.int64) if part == "train" else np.zeros(0, np.int64)
         if not 0 <= fold < n_folds:
             raise ValueError(f"split {protocol!r} of {self.root} has folds 0..{n_folds - 1}, got fold {fold}")
         mask = folds == fold if part == "test" else (folds >= 0) & (folds != fold)

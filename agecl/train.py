@@ -52,8 +52,10 @@ from agecl import finetune
 from agecl import format as fmt
 from agecl import plots
 from agecl.atomic import EXIT_DISK_FULL, DiskFullError, disk_full_message, is_disk_full, write_json, write_text
-from agecl.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, set_rng_state
-from agecl.config import TrainConfig, apply_overrides, describe, from_dict, to_dict
+from agecl.checkpoint import (
+    CheckpointError, check_compatible, drop_optimizer_state, load_checkpoint, save_checkpoint, set_rng_state,
+)
+from agecl.config import NO_TEST_FOLD, TrainConfig, apply_overrides, describe, from_dict, to_dict
 from agecl.loader import build_eval_loader, build_train_loader
 from agecl.losses import age_loss, apply_train_preset
 from agecl.model import AgeModel, PretrainedError
@@ -94,7 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "folder) to train it again; flags and --set still apply, and the run gets its own folder")
     p.add_argument("--protocol", help="split name: rs, se, lopo, kfold or any split of the set (default: the manifest's default_protocol)")
     folds = p.add_mutually_exclusive_group()
-    folds.add_argument("--fold", type=int, help="test fold (default 0); training uses every other fold")
+    folds.add_argument("--fold", type=_fold_arg, help="test fold (default 0); training uses every other fold. "
+                       "none: no test fold, train on every fold (the model to carry forward once the recipe is chosen)")
     folds.add_argument("--all-folds", action="store_true", help="run every fold in turn (runs/<name>/fold-<k>/), then aggregate")
     p.add_argument("--jobs", type=int, default=1, help="with --all-folds: folds trained at once, one process each "
                    "(small folds such as LOPO's leave a GPU idle one at a time; default 1)")
@@ -208,6 +211,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _fold_arg(text: str) -> int:
+    """--fold: a fold number, or "none" (NO_TEST_FOLD)."""
+    if text.strip().lower() == "none":
+        return NO_TEST_FOLD
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a fold is a number >= 0, or none")
+    return value
+
+
 def resolve(cfg: TrainConfig, shards: ShardSet, fold_dir: bool = False) -> TrainConfig:
     """Fill what the defaults leave to the data: protocol, age range, run name and folder.
 
@@ -239,8 +252,9 @@ def resolve(cfg: TrainConfig, shards: ShardSet, fold_dir: bool = False) -> Train
     if not 0 <= cfg.data.min_age <= cfg.data.max_age:
         raise TrainError(f"age range {cfg.data.min_age}..{cfg.data.max_age}: need 0 <= min_age <= max_age")
     stem = f"{Path(cfg.data.shards).resolve().name}-{cfg.data.protocol}"
+    fold_name = "all" if cfg.data.fold == NO_TEST_FOLD else f"fold{cfg.data.fold}"
     if not cfg.name:
-        cfg.name = Path(cfg.out).name if cfg.out else (stem if fold_dir else f"{stem}-fold{cfg.data.fold}")
+        cfg.name = Path(cfg.out).name if cfg.out else (stem if fold_dir else f"{stem}-{fold_name}")
     if not cfg.out:
         cfg.out = str(Path("runs") / cfg.name)
     return cfg
@@ -376,7 +390,8 @@ def train_step(model, loss_fn, optimizer, ctx, images, targets, weights, batch: 
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epoch_end=None) -> dict:
-    """Train one fold as `cfg` says and evaluate its final model on the test fold.
+    """Train one fold as `cfg` says and evaluate its final model on the test fold (with
+    cfg.data.fold = NO_TEST_FOLD: train on every fold, test nothing, and keep the checkpoint).
 
     on_epoch_end (Python API, one process only; benchmarks/time_to_mae.py): called as
     `on_epoch_end(epoch, model)` after each epoch's checkpoint with the plain model; a true return
@@ -419,7 +434,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     n_folds = int(shards.split(protocol).max()) + 1
     train_ids = shards.split_ids(protocol, fold, "train")  # (N_train,) int64 sample ids
     test_ids = shards.split_ids(protocol, fold, "test")  # (N_test,)
-    if len(train_ids) == 0 or len(test_ids) == 0:
+    has_test = fold != NO_TEST_FOLD
+    if len(train_ids) == 0 or (has_test and len(test_ids) == 0):
         raise TrainError(f"{protocol} fold {fold} of {shards.root}: {len(train_ids)} training, {len(test_ids)} test samples")
     template = _template(shards.manifest)
     # A run folder is continued only on request, and only by the configuration that wrote it:
@@ -443,7 +459,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
         cfg.model.init_source = finetune.describe(source) if source is not None else {}
     train_loader = build_train_loader(shards, train_ids, cfg.loader, device, rank=rank, world_size=world)
     steps_per_epoch = len(train_loader)
-    baseline = ev.mean_age_baseline(shards.ages[train_ids], shards.ages[test_ids])
+    baseline = ev.mean_age_baseline(shards.ages[train_ids], shards.ages[test_ids]) if has_test else None
 
     # -- model and optimizer -------------------------------------------------------------------------
     # A resumed run takes every weight from its checkpoint, a fine-tuned one its backbone from the
@@ -477,7 +493,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
         write_json(run_dir / CONFIG_FILE, to_dict(cfg))
         _truncate_metrics(run_dir / METRICS_FILE, step)
         dist.print0(
-            f"{shards.root}: {protocol} fold {fold} of {n_folds}: {len(train_ids)} training, {len(test_ids)} test "
+            f"{shards.root}: {protocol} {f'fold {fold} of {n_folds}' if has_test else f'all {n_folds} folds, no test'}: "
+            f"{len(train_ids)} training, {len(test_ids)} test "
             f"samples, ages {min_age}-{max_age}; {steps_per_epoch} steps an epoch x {world} rank(s); "
             f"{device.type} {precision}, compile {'on' if use_compile else 'off'}, loader {cfg.loader.loader}; "
             f"run folder {run_dir}"
@@ -594,7 +611,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
 
     # -- the test fold: the final epoch's model, on the main process -------------------------------------
     results = None
-    if master:
+    if master and not has_test:
+        # No test fold: the run's product is its checkpoint; results.json says it finished.
+        results = {"protocol": protocol, "fold": fold, "folds": n_folds, "n_test": 0, "n_train": int(len(train_ids)),
+                   "epochs": cfg.epochs, "steps": step, "shards": str(cfg.data.shards), "checkpoint": str(ckpt_path),
+                   "train_time_s": train_time, "world_size": world, "config": to_dict(cfg)}
+        write_json(run_dir / RESULTS_FILE, results)
+        _plot_curves(run_dir, cfg.name)
+        print(f"{run_dir}: trained on all {len(train_ids)} samples of {protocol} (no test fold); model in {ckpt_path}",
+              flush=True)
+    elif master:
         eval_loader = build_eval_loader(shards, test_ids, cfg.loader, device)
         raw_model.eval()
         preds = ev.predict(raw_model, eval_loader, ctx, min_age=min_age)
@@ -614,14 +640,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
                 "config": to_dict(cfg),
             },
         )
-        try:  # a chart must never cost a finished run its result: results.json is already written
-            plots.plot_training_curves([run_dir], run_dir / plots.CURVES_PLOT, title=f"{cfg.name}: training, per epoch")
-        except Exception as e:  # noqa: BLE001
-            print(f"{run_dir}: warning: could not draw {plots.CURVES_PLOT} ({type(e).__name__}: {e})", file=sys.stderr)
+        _plot_curves(run_dir, cfg.name)
         print(f"{run_dir}: {protocol} fold {fold}: test MAE {m['mae']:.3f}  CS(5) {100 * m['cs5']:.1f}%  "
               f"(mean-age baseline MAE {baseline:.3f}) on {m['n']} test images", flush=True)
     # Every rank waits for the evaluation and gets its results.
     return dist.broadcast_object(results)
+
+
+def _plot_curves(run_dir: Path, name: str) -> None:
+    try:  # a chart must never cost a finished run its result: results.json is already written
+        plots.plot_training_curves([run_dir], run_dir / plots.CURVES_PLOT, title=f"{name}: training, per epoch")
+    except Exception as e:  # noqa: BLE001
+        print(f"{run_dir}: warning: could not draw {plots.CURVES_PLOT} ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 # --- Every fold of a protocol ----------------------------------------------------------------------
@@ -659,6 +689,7 @@ def train_all_folds(cfg: TrainConfig, *, resume: bool = False, quiet: bool = Fal
     else:
         for fold_cfg in pending:
             train(fold_cfg, resume=resume, quiet=quiet)
+            _finish_fold(fold_cfg)
     summary = None
     if dist.is_main():
         summary = ev.aggregate(parent.out, parent.data.protocol, n_folds=n_folds)
@@ -716,7 +747,16 @@ def _fold_worker_init(logs: str, threads: int) -> None:
 
 def _train_quietly(cfg: TrainConfig, resume: bool) -> dict:
     print(f"== fold {cfg.data.fold}: {cfg.out}", flush=True)
-    return train(cfg, resume=resume, quiet=True)
+    result = train(cfg, resume=resume, quiet=True)
+    _finish_fold(cfg)
+    return result
+
+
+def _finish_fold(cfg: TrainConfig) -> None:
+    """A finished fold is skipped by any later run of the protocol, so its checkpoint keeps the
+    model and drops the optimizer state (two thirds of the file)."""
+    if dist.is_main():
+        drop_optimizer_state(Path(cfg.out) / CHECKPOINT_FILE)
 
 
 # --- Command line --------------------------------------------------------------------------------

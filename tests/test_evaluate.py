@@ -399,6 +399,43 @@ def test_cli_checkpoint_end_to_end(tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
 
 
+def test_cli_all_tests_every_sample_of_another_set(tmp_path, capsys):
+    """--all: a model of one shard set tested on every sample of another (zero-shot), with ages
+    outside the model's head (its expected age still counts against the true one)."""
+    from agecl.checkpoint import save_checkpoint
+    from agecl.config import TrainConfig, apply_overrides
+    from agecl.model import AgeModel
+    from agecl.reader import ShardSet
+
+    trained_on, other = tmp_path / "trained", tmp_path / "other"
+    _tiny_shards(trained_on)
+    _tiny_shards(other)
+    cfg = apply_overrides(
+        TrainConfig(),
+        [f"data.shards={trained_on}", "loader.loader=torch", "loader.workers=0", "loader.image_size=32"],
+    )
+    torch.manual_seed(0)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    save_checkpoint(ckpt, config=cfg, model=AgeModel(30, 40), min_age=30, max_age=40,
+                    template={"size": 256, "coverage": 1.4}, epoch=1, step=1)
+    assert main(["--checkpoint", str(ckpt), "--device", "cpu", "--shards", str(other), "--all"]) == 0
+    out = capsys.readouterr()
+    assert f"every sample of {other}" in out.out and "mean-age baseline" not in out.out and "WARNING" not in out.err
+    r = json.loads((tmp_path / "run" / "eval-other-all" / "results.json").read_text())
+    ages = ShardSet(other).ages
+    assert r["protocol"] == "all" and r["folds"] == 1 and r["n_test"] == len(ages) and r["n_train"] == 0
+    with np.load(tmp_path / "run" / "eval-other-all" / "predictions.npz") as z:
+        assert sorted(z["ids"].tolist()) == list(range(len(ages)))
+        assert np.all((z["expected"] >= 30) & (z["expected"] <= 40))
+        order = np.argsort(z["ids"])
+        assert r["test_mae"] == pytest.approx(np.abs(z["expected"][order] - ages).mean(), rel=1e-5)
+    # On the set the model trained on: evaluated, with a warning; with a fold: refused (exit 2).
+    assert main(["--checkpoint", str(ckpt), "--device", "cpu", "--all", "--out", str(tmp_path / "same")]) == 0
+    assert "includes its training images" in capsys.readouterr().err
+    assert main(["--checkpoint", str(ckpt), "--device", "cpu", "--all", "--fold", "1"]) == 2
+    assert "takes no --protocol or --fold" in capsys.readouterr().err
+
+
 # --- Training curves (agecl.plots) ---------------------------------------------------------------
 
 

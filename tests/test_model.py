@@ -15,6 +15,7 @@ from agecl import checkpoint as ckpt_mod
 from agecl.checkpoint import (
     CheckpointError,
     check_compatible,
+    drop_optimizer_state,
     load_checkpoint,
     load_model,
     model_state,
@@ -220,6 +221,16 @@ def test_round_trip(tmp_path, model, x):
     # plain data only: a bare weights_only load reads it
     raw = torch.load(path, weights_only=True)
     assert raw["config"] == ck["config"]
+
+    # A finished run's checkpoint without the optimizer state: smaller, everything else equal.
+    size = path.stat().st_size
+    assert drop_optimizer_state(path) == size - path.stat().st_size > 0
+    slim = load_checkpoint(path)
+    assert slim["optimizer"] is None and slim["config"] == ck["config"] and slim["epoch"] == 3
+    for key, value in m.state_dict().items():
+        assert torch.equal(slim["model"][key], value), key
+    assert drop_optimizer_state(path) == 0  # nothing left to drop
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
 
 
 def test_load_model_for_inference(tmp_path, model, x):

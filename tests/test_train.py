@@ -254,12 +254,38 @@ def test_all_folds_then_rerun_skips_finished_folds(shards, tmp_path, capsys):
         r = json.loads((out / f"fold-{k}" / RESULTS_FILE).read_text())
         assert r["fold"] == k and r["protocol"] == "kfold"
     assert (out / RESULTS_FILE).is_file() and (out / "results.md").is_file()
+    # A finished fold keeps its model, not the optimizer state it will never train on with.
+    for k in range(3):
+        ckpt = load_checkpoint(out / f"fold-{k}" / CHECKPOINT_FILE)
+        assert ckpt["optimizer"] is None and ckpt["epoch"] == 1 and ckpt["model"]
     stamp = (out / "fold-1" / RESULTS_FILE).stat().st_mtime_ns
     capsys.readouterr()
     train_all_folds(cfg, quiet=True)
     assert capsys.readouterr().out.count("skipped") == 3
     assert (out / "fold-1" / RESULTS_FILE).stat().st_mtime_ns == stamp
 
+
+def test_fold_none_trains_on_every_fold_and_tests_nothing(shards, tmp_path, capsys):
+    """--fold none: the model to carry forward, trained on every sample of the protocol's folds."""
+    from agecl.evaluate import main as eval_main
+    from agecl.reader import ShardSet
+
+    out = tmp_path / "all"
+    assert main(_cli(shards, out, epochs=1) + ["--protocol", "kfold", "--fold", "none"]) == 0
+    assert "trained on all 72 samples of kfold (no test fold)" in capsys.readouterr().out
+    r = json.loads((out / RESULTS_FILE).read_text())
+    assert (r["fold"], r["folds"], r["n_test"], r["n_train"]) == (-1, 3, 0, 72)
+    fold0_train = len(ShardSet(shards).split_ids("kfold", 0, "train"))
+    (epoch,) = [row for row in _rows(out) if row["kind"] == "epoch"]
+    assert fold0_train < epoch["anchors"] <= 72  # every fold's samples are anchors, not four fifths
+    ckpt = load_checkpoint(out / CHECKPOINT_FILE)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["data"]["fold"] == -1
+    # Its checkpoint has no test fold to evaluate on: agecl-eval says what to do instead.
+    assert eval_main(["--checkpoint", str(out / CHECKPOINT_FILE), "--device", "cpu"]) == 2
+    assert "no test fold" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_cli(shards, tmp_path / "x") + ["--fold", "-1"])
+    assert "a fold is a number >= 0, or none" in capsys.readouterr().err
 
 def test_folds_at_once_equal_folds_one_at_a_time(shards, tmp_path):
     """--jobs 2: two worker processes (one thread each, as this module's runs) give the very
@@ -275,6 +301,8 @@ def test_folds_at_once_equal_folds_one_at_a_time(shards, tmp_path):
         assert a.files == b.files
         for name in a.files:
             np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
+    for k in range(3):
+        assert load_checkpoint(tmp_path / "jobs2" / f"fold-{k}" / CHECKPOINT_FILE)["optimizer"] is None
     logs = list((tmp_path / "jobs2" / "jobs").glob("worker-*.log"))
     assert logs and sum(log.read_text().count("== fold") for log in logs) == 3
 
