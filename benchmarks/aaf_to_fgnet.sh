@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BORDERS=${BORDERS:-"reflect constant"}
-BORDER=${BORDER:-constant}
+BORDER=${BORDER:-reflect}
 ROWS=${ROWS:-"paper-fgnet-ternary paper-fgnet-binary mv"}
 SIZE=${SIZE:-64}
 PRE_EPOCHS=${PRE_EPOCHS:-6}
