@@ -65,6 +65,7 @@ RUN_CONTROL_KEYS = frozenset(
         "loader.loader",
         "loader.workers",
         "loader.prefetch",
+        "loader.cache_mb",
     }
 )
 
@@ -289,7 +290,7 @@ def check_compatible(
     Rule: every key of the flattened config (`section.field`) must be equal in the checkpoint and
     in `cfg` (a TrainConfig or its dict), except RUN_CONTROL_KEYS and `ignore`: epochs (a resumed
     run may extend them), out, name, log_every, device, precision, compile, resume, data.shards
-    (the folder may move), loader.loader, loader.workers, loader.prefetch. A key the checkpoint
+    (the folder may move), loader.loader, loader.workers, loader.prefetch, loader.cache_mb. A key the checkpoint
     lacks counts as TrainConfig's default (a field added since it was written: new fields default
     to the old behaviour); any other key present on one side only counts as different. When given,
     the resolved `min_age` / `max_age` (the head's size) and the shard set's face `template` (its

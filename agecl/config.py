@@ -43,6 +43,11 @@ class LoaderConfig:
     scale: float = 0.05  # random affine: zoom range, 1 +- scale
     interpolation: str = "linear"  # random affine resampling: "linear" | "nearest"
     workers: int = 2  # DALI CPU threads / DataLoader worker processes
+    # MiB the training loader may spend holding every training face decoded and already shrunk to
+    # the network input's scale (DALI's CPU backend, output smaller than the crop): the batches
+    # then skip the JPEG decode, the CPU loader's largest cost. 0, or a set that needs more: decode
+    # every batch (the faces are the same to rounding: half a grey level).
+    cache_mb: float = 4096
     prefetch: int = 2  # batches prepared ahead of the training step
     seed: int = 0
 

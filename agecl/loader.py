@@ -8,7 +8,9 @@ Two implementations behind one interface, chosen by `LoaderConfig.loader`:
   "cpu": libjpeg-turbo on DALI's CPU backend, `device_id=None`) and augments inside the DALI graph
   (DALI's ops; on its CPU backend, the bilinear warp is a Numba op from `agecl.warp`).
   The pipeline is built once and reused for every epoch; outputs reach torch through DLPack
-  without a copy.
+  without a copy. On DALI's CPU backend with a network input smaller than the crop, the training
+  faces are decoded and shrunk once (`PresizedFaces`, within `LoaderConfig.cache_mb`) and the
+  epochs only warp them: the JPEG decode is most of a CPU loader's work.
 - "torch": the ordinary alternative we measure against and the fallback where DALI is missing: a
   `DataLoader` whose workers decode with `torchvision.io.decode_jpeg` from the same maps and
   augment with `torchvision.transforms.v2`.
@@ -221,6 +223,7 @@ class _TrainLoader:
         self.shards, self.cfg, self.device = shards, cfg, _device(device)
         self._epochs = _TrainEpochs(shards, ids, cfg, rank, world_size, drop_last)
         self._labels = _Labels(shards, self.device)
+        self.note: str | None = None  # what the runner chose that a run should print (e.g. faces held decoded)
         self._runner = self._make_runner(stage, rank)
         self._epoch = 0
 
@@ -354,7 +357,7 @@ def warp_op(cfg: LoaderConfig, gpu: bool) -> str:
     return "agecl.warp" if not gpu and cfg.interpolation == "linear" else "warp_affine"
 
 
-def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None, side: int = fmt.IMAGE_SIZE):
+def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None, side: int = fmt.IMAGE_SIZE, presized=False):
     """The DALI graph from encoded JPEGs to network input, as in NVIDIA's examples.
 
     mode "train": decode, then ONE warp by `matrices` (see `augmentation_matrices`) straight into
@@ -366,11 +369,17 @@ def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None, side:
     warp, by `to_output`'s matrices, writes the small output directly.
     mode "eval": decode, centre crop and normalise in one `crop_mirror_normalize`.
     mode "decode": decode only (the benchmark's decode figure), uint8 HWC.
+    presized: `jpegs` are faces already decoded and shrunk (`PresizedFaces`, DALI's CPU backend):
+    only the warp remains.
     Python `if`s choose the graph at build time.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
+    if presized:
+        from .warp import dali_warp_normalise
+
+        return dali_warp_normalise(jpegs, matrices, output_size(cfg))  # (3, O, O) float32
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)  # (H, W, 3) uint8
     if mode == "decode":
         return images
@@ -404,36 +413,95 @@ def process(jpegs, cfg: LoaderConfig, mode: str, gpu: bool, matrices=None, side:
     return fn.crop_mirror_normalize(images, **normalise)  # (3, S, S) float32
 
 
+class PresizedFaces:
+    """Every training face decoded once and box-shrunk by f (`shrink_factor`), held in memory as
+    uint8: on DALI's CPU backend the JPEG decode is most of the loader's work, and a network input
+    smaller than the crop needs only the shrunk face (64 x 64 x 3 bytes for a 64 px input).
+
+    `faces(ids)` is the (n, h, w, 3) batch of samples `ids`; the warp then maps from these faces
+    exactly as from the box filter inside `agecl.warp` (the same matrices), the pixels differing by
+    the rounding to whole grey levels.
+    """
+
+    def __init__(self, pixels: np.ndarray, rows: np.ndarray, build_s: float):
+        self.pixels = pixels  # (n, h, w, 3) uint8, one row per training sample
+        self.rows = rows  # (N,) int64: the row of each sample id of the shard set, -1 if not held
+        self.build_s = build_s
+
+    def faces(self, ids: np.ndarray) -> np.ndarray:
+        return self.pixels[self.rows[ids]]  # (len(ids), h, w, 3): one gather, no Python per sample
+
+    def describe(self) -> str:
+        n, h = self.pixels.shape[:2]
+        return (f"loader: {n} training faces held decoded at {h} x {h} px ({self.pixels.nbytes / 2**20:.0f} MiB, "
+                f"built in {self.build_s:.1f} s): no JPEG decode in the epochs")
+
+
+def presized_bytes(shards: ShardSet, n: int, cfg: LoaderConfig) -> int:
+    """Bytes `PresizedFaces` needs for n faces of this shard set under cfg."""
+    h = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE)) // shrink_factor(cfg)
+    return n * h * h * 3
+
+
+def presize_faces(shards: ShardSet, ids: np.ndarray, cfg: LoaderConfig) -> PresizedFaces:
+    """Decode samples `ids` once on DALI's CPU backend (`cfg.workers` threads) and box-shrink them:
+    a bad JPEG is reported by name here, as it would be by the epoch that met it."""
+    import time
+
+    from .warp import box_shrink_batch
+
+    t0 = time.perf_counter()
+    unique = np.unique(np.asarray(ids, dtype=np.int64))
+    side = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE))
+    f = shrink_factor(cfg)
+    pixels = np.empty((len(unique), side // f, side // f, 3), np.uint8)
+    rows = np.full(len(shards), -1, np.int64)
+    rows[unique] = np.arange(len(unique))
+    batch = 3 * cfg.batch_size
+    runner = _DaliRunner(shards, cfg, torch.device("cpu"), batch, "decode")
+    batches = [unique[lo : lo + batch] for lo in range(0, len(unique), batch)]
+    lo = 0
+    for images, _ in runner.epoch(0, batches):  # (b, side, side, 3) uint8
+        box_shrink_batch(images.numpy(), f, pixels[lo : lo + len(images)])
+        lo += len(images)
+    del runner  # its pipeline's threads and buffers
+    return PresizedFaces(pixels, rows, time.perf_counter() - t0)
+
+
 class _Feed:
     """The external_source callback: batch `info.iteration` of the current epoch.
 
-    Returns (3b encoded JPEGs as zero-copy views into the shard maps, (3b,) int64 sample ids) and,
-    when it augments, the (3b, 2, 3) float32 warp matrices of that batch. What it returns stays
-    referenced until the next epoch, since the pipeline reads it without a copy (`no_copy=True`).
+    Returns (3b encoded JPEGs as zero-copy views into the shard maps, or with `presized` the
+    (3b, h, w, 3) faces held decoded; (3b,) int64 sample ids) and, when it augments, the
+    (3b, 2, 3) float32 warp matrices of that batch. What it returns stays referenced until the next
+    epoch, since the pipeline reads it without a copy (`no_copy=True`).
     """
 
-    def __init__(self, shards: ShardSet, cfg: LoaderConfig, augment: bool, seed: int, rank: int, gpu: bool):
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, augment: bool, seed: int, rank: int, gpu: bool,
+                 presized: PresizedFaces | None = None):
         self.shards, self.cfg, self.augment, self.seed, self.rank = shards, cfg, augment, seed, rank
         self.side = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE))
-        self.q = presize_scale(cfg, self.side, box=warp_op(cfg, gpu) == "agecl.warp")
+        self.q = presize_scale(cfg, self.side, box=warp_op(cfg, gpu) == "agecl.warp" or presized is not None)
+        self.images = presized.faces if presized is not None else shards.jpegs  # ids -> the graph's input
         self.batches: list[np.ndarray] = []
         self.epoch = 0
-        self.matrices: dict[int, np.ndarray] = {}
+        self.kept: dict[int, tuple] = {}  # step -> the arrays DALI reads without a copy, kept for the epoch
         self.limit = 0  # batches of this epoch DALI may still ask for: 0 makes the next call end the epoch
 
     def start(self, epoch: int, batches: list[np.ndarray]) -> None:
-        self.epoch, self.batches, self.limit, self.matrices = epoch, batches, len(batches), {}
+        self.epoch, self.batches, self.limit, self.kept = epoch, batches, len(batches), {}
 
     def __call__(self, info):
         if info.iteration >= min(self.limit, len(self.batches)):
             raise StopIteration
         ids = self.batches[info.iteration]
         if not self.augment:
-            return self.shards.jpegs(ids), ids
+            return self.images(ids), ids
         key = (self.seed, self.rank, self.epoch, info.iteration)
-        m = augmentation_matrices(len(ids), self.cfg, self.side, key)
-        m = self.matrices[info.iteration] = to_output(m, self.cfg, self.q)
-        return self.shards.jpegs(ids), ids, m
+        m = to_output(augmentation_matrices(len(ids), self.cfg, self.side, key), self.cfg, self.q)
+        images = self.images(ids)
+        self.kept[info.iteration] = (images, m)
+        return images, ids, m
 
 
 class _DaliRunner:
@@ -445,14 +513,17 @@ class _DaliRunner:
     failed is rebuilt, so no epoch boundary leaves the pipeline in a broken state.
     """
 
-    def __init__(self, shards: ShardSet, cfg: LoaderConfig, device: torch.device, max_batch: int, mode: str, rank: int = 0):
+    def __init__(self, shards: ShardSet, cfg: LoaderConfig, device: torch.device, max_batch: int, mode: str, rank: int = 0,
+                 presized: PresizedFaces | None = None):
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
             raise ImportError("loader 'dali' needs nvidia-dali-cuda130 (or use loader=torch)") from e
         self.shards, self.cfg, self.device, self.mode = shards, cfg, device, mode
         self.max_batch = max_batch
-        self.feed = _Feed(shards, cfg, augment=mode == "train", seed=cfg.seed, rank=rank, gpu=device.type == "cuda")
+        self.feed = _Feed(shards, cfg, augment=mode == "train", seed=cfg.seed, rank=rank, gpu=device.type == "cuda",
+                          presized=presized)
+        self.presized = presized is not None
         self.pipe = None
         self.open = False  # an epoch has started and not been drained
         self.token = 0  # the epoch a running generator belongs to
@@ -481,7 +552,8 @@ class _DaliRunner:
                 dtype=[types.UINT8, types.INT64, types.FLOAT][: 3 if self.feed.augment else 2],
             )
             jpegs, ids = outputs[0], outputs[1]
-            images = process(jpegs, self.cfg, self.mode, gpu, outputs[2] if self.feed.augment else None, self.feed.side)
+            images = process(jpegs, self.cfg, self.mode, gpu, outputs[2] if self.feed.augment else None, self.feed.side,
+                             presized=self.presized)
             return images, (ids.gpu() if gpu else ids)
 
         pipe = graph()
@@ -574,7 +646,18 @@ class DaliTrainLoader(_TrainLoader):
     """
 
     def _make_runner(self, stage: str, rank: int):
-        return _DaliRunner(self.shards, self.cfg, self.device, 3 * self.cfg.batch_size, stage, rank)
+        presized = None
+        if stage == "train" and self.device.type == "cpu" and shrink_factor(self.cfg) > 1 and warp_op(self.cfg, False) == "agecl.warp":
+            need = presized_bytes(self.shards, len(np.unique(self._epochs.ids)), self.cfg)
+            if self.cfg.cache_mb <= 0:
+                pass  # asked for: decode every batch
+            elif need <= self.cfg.cache_mb * 2**20:
+                presized = presize_faces(self.shards, self._epochs.ids, self.cfg)
+                self.note = presized.describe()
+            else:
+                self.note = (f"loader: the training faces need {need / 2**20:.0f} MiB held decoded, over loader.cache_mb = "
+                             f"{self.cfg.cache_mb}: every batch decodes its JPEGs")
+        return _DaliRunner(self.shards, self.cfg, self.device, 3 * self.cfg.batch_size, stage, rank, presized)
 
 
 class DaliEvalLoader(_EvalLoader):

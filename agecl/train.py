@@ -297,6 +297,12 @@ def _compile(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
+def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused (one kernel over every parameter) on CUDA and on the CPU alike: on a 2-core CPU
+    the fused update of ResNet-18 takes 10 ms against 32 ms for the for-each one, 4% of a step."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=device.type in ("cuda", "cpu"))
+
+
 def compile_step(model: torch.nn.Module, loss_fn=age_loss, backend: str = "inductor"):
     """(compiled model, compiled loss): what the trainer runs when compile is on (by default on
     CUDA). Each is one whole graph (`fullgraph`: a graph break is a bug, not a slowdown to find
@@ -458,6 +464,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
         source = finetune.load_source(cfg.model.init_from, cfg.model.arch) if cfg.model.init_from else None
         cfg.model.init_source = finetune.describe(source) if source is not None else {}
     train_loader = build_train_loader(shards, train_ids, cfg.loader, device, rank=rank, world_size=world)
+    if train_loader.note:
+        dist.print0(train_loader.note)
     steps_per_epoch = len(train_loader)
     baseline = ev.mean_age_baseline(shards.ages[train_ids], shards.ages[test_ids]) if has_test else None
 
@@ -472,9 +480,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
         dist.print0(finetune.init_model(raw_model, source))
         del source
     raw_model = raw_model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(
-        raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
-    )
+    optimizer = make_optimizer(raw_model.parameters(), cfg.lr, cfg.weight_decay, device)
 
     # -- resume or start ---------------------------------------------------------------------------------
     start_epoch, step = 0, 0

@@ -48,7 +48,7 @@ from agecl.loader import build_train_loader  # noqa: E402
 from agecl.losses import age_loss  # noqa: E402
 from agecl.model import AgeModel  # noqa: E402
 from agecl.reader import ShardSet  # noqa: E402
-from agecl.train import compile_step, train_step  # noqa: E402
+from agecl.train import compile_step, make_optimizer, train_step  # noqa: E402
 
 MODES, PRECISIONS, DATA = ("eager", "compiled"), ("fp32", "bf16"), ("synthetic", "dali", "torch", "real")
 
@@ -105,7 +105,7 @@ class Variant:
         compiled = self.mode == "compiled"
         self.model, self.loss_fn = compile_step(raw) if compiled else (raw, age_loss)
         fed = args.crop if args.model_resize else self.s  # the side of the images the model is fed
-        self.optimizer = torch.optim.Adam(raw.parameters(), lr=1e-3, fused=device.type == "cuda")
+        self.optimizer = make_optimizer(raw.parameters(), 1e-3, 0.0, device)
         self.ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         self.weights = LossConfig()
         if self.data == "synthetic":

@@ -275,6 +275,18 @@ def test_undecodable_jpeg_names_shard_and_sample(tmp_path, kind):
         list(loader)
 
 
+def test_undecodable_jpeg_is_named_when_the_faces_are_held_decoded(tmp_path):
+    """The faces a CPU run holds decoded are decoded when the loader is built: a bad JPEG is
+    named there, as the epoch that met it would name it."""
+    samples = _samples(12)
+    good = samples[5].jpeg
+    samples[5].jpeg = good[:2] + bytes(200) + good[-2:]
+    w = _write(tmp_path, samples, shard_size=5)
+    bad = w.sources.index(samples[5].source)
+    with pytest.raises(fmt.FormatError, match=rf"shard-{bad // 5:05d}\.tar: sample {bad} \(key {w.keys[bad]}\): cannot decode"):
+        build_train_loader(ShardSet(tmp_path), np.arange(12), _cfg("dali", image_size=224, output_size=64))
+
+
 def test_bad_config_is_refused(shards):
     with pytest.raises(ValueError, match="flip"):
         build_train_loader(shards, np.arange(10), _cfg("torch", flip="diagonal"))
@@ -374,6 +386,25 @@ def test_reduced_output_without_the_box_filter_would_alias(tmp_path, monkeypatch
     shards = _textured_shards(tmp_path / "tex")
     mean, p99 = _reduced_against_full(shards, "dali", 64)
     assert mean > REDUCED_MEAN_TOL or p99 > REDUCED_P99_TOL, (mean, p99)
+
+
+def test_faces_held_decoded_match_decoding_every_batch(tmp_path):
+    """On DALI's CPU backend a 64 px loader holds the training faces decoded and box-shrunk
+    (`PresizedFaces`): the same triplets and draws as decoding every batch, the pixels within the
+    rounding to whole grey levels (half a level: 0.5 / (255 * 0.224) = 0.0088 standard deviations)."""
+    shards = _textured_shards(tmp_path / "tex")
+    ids = np.arange(len(shards))
+    held = build_train_loader(shards, ids, _cfg("dali", image_size=224, output_size=64, batch_size=8))
+    every = build_train_loader(shards, ids, _cfg("dali", image_size=224, output_size=64, batch_size=8, cache_mb=0))
+    assert "held decoded at 64 x 64 px" in held.note and every.note is None
+    for epoch in (0, 1):
+        for a, b in zip(_epoch(held, epoch), _epoch(every, epoch), strict=True):
+            assert torch.equal(a.ids, b.ids)
+            d = (a.images - b.images).abs()
+            assert d.max() <= 0.5 / (255 * min(IMAGENET_STD)) + 1e-5 and d.mean() < 0.004, (d.max(), d.mean())
+    # A budget too small for the set: every batch decodes, and the run is told why.
+    small = build_train_loader(shards, ids, _cfg("dali", image_size=224, output_size=64, batch_size=8, cache_mb=0.1))
+    assert "over loader.cache_mb" in small.note
 
 
 def test_shrink_geometry():
