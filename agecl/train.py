@@ -617,11 +617,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
 
     # -- the test fold: the final epoch's model, on the main process -------------------------------------
     results = None
+    run_facts = {"n_train": int(len(train_ids)), "epochs": cfg.epochs, "steps": step, "shards": str(cfg.data.shards),
+                 "checkpoint": str(ckpt_path), "train_time_s": train_time, "world_size": world, "config": to_dict(cfg)}
     if master and not has_test:
         # No test fold: the run's product is its checkpoint; results.json says it finished.
-        results = {"protocol": protocol, "fold": fold, "folds": n_folds, "n_test": 0, "n_train": int(len(train_ids)),
-                   "epochs": cfg.epochs, "steps": step, "shards": str(cfg.data.shards), "checkpoint": str(ckpt_path),
-                   "train_time_s": train_time, "world_size": world, "config": to_dict(cfg)}
+        results = {"protocol": protocol, "fold": fold, "folds": n_folds, "n_test": 0, **run_facts}
         write_json(run_dir / RESULTS_FILE, results)
         _plot_curves(run_dir, cfg.name)
         print(f"{run_dir}: trained on all {len(train_ids)} samples of {protocol} (no test fold); model in {ckpt_path}",
@@ -634,17 +634,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
         m = ev.metrics(preds.expected, preds.ages, preds.identities, preds.features, preds.probs)
         results = ev.write_fold_results(
             run_dir, preds, m, protocol, fold, n_folds=n_folds,
-            extra={
-                "mean_age_baseline": baseline,
-                "n_train": int(len(train_ids)),
-                "epochs": cfg.epochs,
-                "steps": step,
-                "shards": str(cfg.data.shards),
-                "checkpoint": str(ckpt_path),
-                "train_time_s": train_time,
-                "world_size": world,
-                "config": to_dict(cfg),
-            },
+            extra={"mean_age_baseline": baseline, **run_facts},
         )
         _plot_curves(run_dir, cfg.name)
         print(f"{run_dir}: {protocol} fold {fold}: test MAE {m['mae']:.3f}  CS(5) {100 * m['cs5']:.1f}%  "

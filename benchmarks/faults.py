@@ -439,12 +439,20 @@ def _check_half(t: Tally, folder: Path) -> None:
         t.note("half-written: " + bad[0])
 
 
-def kill_build(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
+def _kill_and_rerun(t: Tally, main: Callable, argv: list[str], out: Path, trigger, delay: float = 0.0) -> tuple[Run, Run]:
+    """`main(argv)` into a fresh `out`, killed when `trigger` holds (then `delay` s); count the
+    half-written files it left, run the same command again, count the tracebacks of both runs."""
     _fresh(out)
-    first = run(build.main, s.build_argv(out), trigger=lambda now, d=rng.uniform(0, s.times["build"]): now >= d)
+    first = run(main, argv, trigger=trigger, delay=delay)
     _check_half(t, out)
-    again = run(build.main, s.build_argv(out))
+    again = run(main, argv)
     _count_runs(t, first, again)
+    return first, again
+
+
+def kill_build(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
+    _, again = _kill_and_rerun(t, build.main, s.build_argv(out), out,
+                               lambda now, d=rng.uniform(0, s.times["build"]): now >= d)
     ok, why, lost = in_child(same_shards, s.ref_shards, out)
     t.lost += lost
     if again.rc == 0 and ok and not (out / build.STAGING_DIR).exists():
@@ -455,11 +463,7 @@ def kill_build(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
 
 
 def _kill_train(s: Setting, t: Tally, out: Path, trigger, delay: float) -> Run:
-    _fresh(out)
-    first = run(train_cli.main, s.train_argv(out), trigger=trigger, delay=delay)
-    _check_half(t, out)
-    again = run(train_cli.main, s.train_argv(out))
-    _count_runs(t, first, again)
+    first, again = _kill_and_rerun(t, train_cli.main, s.train_argv(out), out, trigger, delay)
     ok, why = in_child(same_run, s.ref_run, out) if again.rc == 0 else (False, again.output[-300:])
     if ok:
         t.survived += 1
@@ -497,11 +501,8 @@ def kill_train_eval(s: Setting, t: Tally, rng: random.Random, out: Path) -> None
 
 
 def kill_folds(s: Setting, t: Tally, rng: random.Random, out: Path) -> None:
-    _fresh(out)
-    first = run(train_cli.main, s.folds_argv(out), trigger=lambda now, d=rng.uniform(0, s.times["folds"]): now >= d)
-    _check_half(t, out)
-    again = run(train_cli.main, s.folds_argv(out))
-    _count_runs(t, first, again)
+    _, again = _kill_and_rerun(t, train_cli.main, s.folds_argv(out), out,
+                               lambda now, d=rng.uniform(0, s.times["folds"]): now >= d)
     ok, why = in_child(same_folds, s.ref_folds, out) if again.rc == 0 else (False, again.output[-300:])
     if ok and (out / "results.md").is_file():
         t.survived += 1
