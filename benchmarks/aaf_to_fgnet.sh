@@ -13,6 +13,8 @@
 #   zeroshot    that model on all 1,002 FG-NET photos, no fine-tuning
 #   lopo        FG-NET LOPO, all 82 folds, each fine-tuned from that model, one run per row of
 #               $ROWS (runs/fgnet-<border>-lopo-<row>-e<epochs>), pooled MAE over the 1,002 predictions
+#   select      the fine-tuning's length (FT_EPOCHS), chosen on FG-NET people outside each LOPO
+#               fold's test person (nested: two halves, each chosen on the other); then lopo again
 #   table       the rows side by side
 #
 # Every choice is fixed here, before any FG-NET test fold is seen: the pretraining recipe (64 px,
@@ -33,6 +35,8 @@ FT_EPOCHS=${FT_EPOCHS:-1}
 FT_LR=${FT_LR:-2e-4}
 FT_BATCH=${FT_BATCH:-16}
 JOBS=${JOBS:-2}
+FT_CHOICES=${FT_CHOICES:-"1 2 4 8"}  # the select stage's candidates for FT_EPOCHS
+SELECT_ROW=${SELECT_ROW:-paper-fgnet-ternary}
 AAF=${AAF:-../shared/data/aaf/images}
 FGNET=${FGNET:-../shared/data/fgnet/images}
 
@@ -73,26 +77,78 @@ stage_zeroshot() {
     --all --device cpu
 }
 
+# A LOPO row's folder: the row, the pretraining's epochs and, when not 1, the fine-tuning's.
+lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-e$PRE_EPOCHS$([ "$2" = 1 ] || echo "-ft$2")"; }
+
 stage_lopo() {
   for row in $ROWS; do
     $PY -m agecl.train --shards "shards/fgnet-$BORDER" --protocol lopo --all-folds --jobs "$JOBS" \
       --init-from "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --preset "$row" --flip horizontal \
       --image-size "$SIZE" --epochs "$FT_EPOCHS" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
-      --workers 1 --device cpu --out "runs/fgnet-$BORDER-lopo-$row-e$PRE_EPOCHS" --resume --quiet
+      --workers 1 --device cpu --out "$(lopo_dir "$row" "$FT_EPOCHS")" --resume --quiet
   done
 }
 
-stage_table() {
-  $PY - "$BORDER" "$PRE_EPOCHS" $ROWS <<'PY'
+stage_select() {
+  # The fine-tuning's length, chosen with no LOPO test person in the choice made for its fold.
+  # FG-NET's 82 people are cut in two halves by person (seed 0). The choice for the folds of half
+  # A's people is made on half B alone: B's people in two groups, fine-tune on one, test on the
+  # other, both ways (split inner-a; inner-b the other way round), pooled MAE over B's photos, for
+  # each of $FT_CHOICES epochs; half A's people are in no fold of inner-a. Then run the lopo stage
+  # with FT_EPOCHS set to the choice of each half (the same epochs for both: one run; otherwise
+  # one run each, and each half's folds are read from its own).
+  $PY - "shards/fgnet-$BORDER" <<'PY'
+import sys
+import numpy as np
+from agecl.reader import ShardSet
+from agecl.shards import write_split
+root = sys.argv[1]
+ids = ShardSet(root).identities  # (N,) position of each photo's person
+people = np.random.default_rng(0).permutation(ids.max() + 1)
+half = {"a": people[: len(people) // 2], "b": people[len(people) // 2 :]}
+for name, (mine, other) in {"inner-a": ("a", "b"), "inner-b": ("b", "a")}.items():
+    folds = np.full(len(ids), -1, np.int16)  # the half the choice is for: in no fold
+    group = half[other]
+    folds[np.isin(ids, group[: len(group) // 2])] = 0
+    folds[np.isin(ids, group[len(group) // 2 :])] = 1
+    write_split(root, name, folds, {"protocol": name, "level": "person", "seed": 0,
+                "rule": f"the fine-tuning choice for the LOPO folds of half {mine}: half {other}'s people in two folds",
+                "half_" + mine: sorted(int(p) for p in half[mine])})
+    print(f"{name}: {int((folds == 0).sum())} + {int((folds == 1).sum())} photos of half {other}; "
+          f"half {mine} ({len(half[mine])} people) left out")
+PY
+  for h in a b; do
+    for e in $FT_CHOICES; do
+      $PY -m agecl.train --shards "shards/fgnet-$BORDER" --protocol "inner-$h" --all-folds \
+        --init-from "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --preset "$SELECT_ROW" --flip horizontal \
+        --image-size "$SIZE" --epochs "$e" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
+        --workers 2 --device cpu --out "runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$e" --resume --quiet \
+        > "runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$e.log" 2>&1
+    done
+  done
+  $PY - "$BORDER" "$PRE_EPOCHS" "$SELECT_ROW" $FT_CHOICES <<'PY'
 import json, sys
 from pathlib import Path
-border, epochs, rows = sys.argv[1], sys.argv[2], sys.argv[3:]
+border, pre, row, choices = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+for h in "ab":
+    maes = {e: json.loads(Path(f"runs/fgnet-{border}-select-{h}-{row}-e{pre}-ft{e}/results.json").read_text())["pooled"]["mae"]
+            for e in choices}
+    best = min(maes, key=maes.get)
+    print(f"for the LOPO folds of half {h}: " + "  ".join(f"{e} epochs {m:.2f}" for e, m in maes.items()) + f"  -> {best}")
+PY
+}
+
+stage_table() {
+  $PY - "$BORDER" "$PRE_EPOCHS" "$FT_EPOCHS" $ROWS <<'PY'
+import json, sys
+from pathlib import Path
+border, epochs, ft, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 z = Path(f"runs/aaf-{border}-all-e{epochs}/eval-fgnet-{border}-all/results.json")
 if z.is_file():
     r = json.loads(z.read_text())
     print(f"{'zero-shot (AAF model)':24s} MAE {r['test_mae']:.2f}  CS(5) {100 * r['test_cs5']:.1f}%  n {r['n_test']}")
 for row in rows:
-    f = Path(f"runs/fgnet-{border}-lopo-{row}-e{epochs}/results.json")
+    f = Path(f"runs/fgnet-{border}-lopo-{row}-e{epochs}{'' if ft == '1' else '-ft' + ft}/results.json")
     if not f.is_file():
         print(f"{row:24s} not run")
         continue
