@@ -473,8 +473,10 @@ class _Feed:
 
     Returns (3b encoded JPEGs as zero-copy views into the shard maps, or with `presized` the
     (3b, h, w, 3) faces held decoded; (3b,) int64 sample ids) and, when it augments, the
-    (3b, 2, 3) float32 warp matrices of that batch. What it returns stays referenced until the next
-    epoch, since the pipeline reads it without a copy (`no_copy=True`).
+    (3b, 2, 3) float32 warp matrices of that batch. The JPEG views and matrices are read by the
+    pipeline without a copy (`no_copy`), so the matrices stay referenced until the next epoch; a
+    batch of faces held decoded is a fresh gather that DALI copies (`copy`), so that an epoch of
+    them is not kept alive.
     """
 
     def __init__(self, shards: ShardSet, cfg: LoaderConfig, augment: bool, seed: int, rank: int, gpu: bool,
@@ -483,9 +485,10 @@ class _Feed:
         self.side = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE))
         self.q = presize_scale(cfg, self.side, box=warp_op(cfg, gpu) == "agecl.warp" or presized is not None)
         self.images = presized.faces if presized is not None else shards.jpegs  # ids -> the graph's input
+        self.copy = presized is not None  # DALI copies what the feed returns (else it reads it in place)
         self.batches: list[np.ndarray] = []
         self.epoch = 0
-        self.kept: dict[int, tuple] = {}  # step -> the arrays DALI reads without a copy, kept for the epoch
+        self.kept: dict[int, np.ndarray] = {}  # step -> matrices DALI reads in place, kept for the epoch
         self.limit = 0  # batches of this epoch DALI may still ask for: 0 makes the next call end the epoch
 
     def start(self, epoch: int, batches: list[np.ndarray]) -> None:
@@ -499,9 +502,9 @@ class _Feed:
             return self.images(ids), ids
         key = (self.seed, self.rank, self.epoch, info.iteration)
         m = to_output(augmentation_matrices(len(ids), self.cfg, self.side, key), self.cfg, self.q)
-        images = self.images(ids)
-        self.kept[info.iteration] = (images, m)
-        return images, ids, m
+        if not self.copy:
+            self.kept[info.iteration] = m
+        return self.images(ids), ids, m
 
 
 class _DaliRunner:
@@ -548,7 +551,7 @@ class _DaliRunner:
                 num_outputs=3 if self.feed.augment else 2,
                 batch=True,
                 batch_info=True,
-                no_copy=True,  # views into the read-only shard maps, and arrays the feed keeps
+                no_copy=not self.feed.copy,  # views into the read-only shard maps, and arrays the feed keeps
                 dtype=[types.UINT8, types.INT64, types.FLOAT][: 3 if self.feed.augment else 2],
             )
             jpegs, ids = outputs[0], outputs[1]
