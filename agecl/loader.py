@@ -475,8 +475,8 @@ class _Feed:
     (3b, h, w, 3) faces held decoded; (3b,) int64 sample ids) and, when it augments, the
     (3b, 2, 3) float32 warp matrices of that batch. The JPEG views and matrices are read by the
     pipeline without a copy (`no_copy`), so the matrices stay referenced until the next epoch; a
-    batch of faces held decoded is a fresh gather that DALI copies (`copy`), so that an epoch of
-    them is not kept alive.
+    batch of faces held decoded is a fresh gather that DALI copies (`presized`), so that an epoch
+    of them is not kept alive.
     """
 
     def __init__(self, shards: ShardSet, cfg: LoaderConfig, augment: bool, seed: int, rank: int, gpu: bool,
@@ -485,7 +485,8 @@ class _Feed:
         self.side = int(shards.manifest.get("image_size", fmt.IMAGE_SIZE))
         self.q = presize_scale(cfg, self.side, box=warp_op(cfg, gpu) == "agecl.warp" or presized is not None)
         self.images = presized.faces if presized is not None else shards.jpegs  # ids -> the graph's input
-        self.copy = presized is not None  # DALI copies what the feed returns (else it reads it in place)
+        # Faces held decoded: each batch is a fresh gather that DALI copies; else DALI reads in place.
+        self.presized = presized is not None
         self.batches: list[np.ndarray] = []
         self.epoch = 0
         self.kept: dict[int, np.ndarray] = {}  # step -> matrices DALI reads in place, kept for the epoch
@@ -502,7 +503,7 @@ class _Feed:
             return self.images(ids), ids
         key = (self.seed, self.rank, self.epoch, info.iteration)
         m = to_output(augmentation_matrices(len(ids), self.cfg, self.side, key), self.cfg, self.q)
-        if not self.copy:
+        if not self.presized:
             self.kept[info.iteration] = m
         return self.images(ids), ids, m
 
@@ -526,7 +527,6 @@ class _DaliRunner:
         self.max_batch = max_batch
         self.feed = _Feed(shards, cfg, augment=mode == "train", seed=cfg.seed, rank=rank, gpu=device.type == "cuda",
                           presized=presized)
-        self.presized = presized is not None
         self.pipe = None
         self.open = False  # an epoch has started and not been drained
         self.token = 0  # the epoch a running generator belongs to
@@ -551,12 +551,12 @@ class _DaliRunner:
                 num_outputs=3 if self.feed.augment else 2,
                 batch=True,
                 batch_info=True,
-                no_copy=not self.feed.copy,  # views into the read-only shard maps, and arrays the feed keeps
+                no_copy=not self.feed.presized,  # views into the read-only shard maps, and arrays the feed keeps
                 dtype=[types.UINT8, types.INT64, types.FLOAT][: 3 if self.feed.augment else 2],
             )
             jpegs, ids = outputs[0], outputs[1]
             images = process(jpegs, self.cfg, self.mode, gpu, outputs[2] if self.feed.augment else None, self.feed.side,
-                             presized=self.presized)
+                             presized=self.feed.presized)
             return images, (ids.gpu() if gpu else ids)
 
         pipe = graph()
@@ -649,18 +649,18 @@ class DaliTrainLoader(_TrainLoader):
     """
 
     def _make_runner(self, stage: str, rank: int):
-        presized = None
-        if stage == "train" and self.device.type == "cpu" and shrink_factor(self.cfg) > 1 and warp_op(self.cfg, False) == "agecl.warp":
-            need = presized_bytes(self.shards, len(np.unique(self._epochs.ids)), self.cfg)
-            if self.cfg.cache_mb <= 0:
-                pass  # asked for: decode every batch
-            elif need <= self.cfg.cache_mb * 2**20:
-                presized = presize_faces(self.shards, self._epochs.ids, self.cfg)
+        presized, cfg = None, self.cfg
+        if (stage == "train" and cfg.cache_mb > 0 and self.device.type == "cpu" and shrink_factor(cfg) > 1
+                and warp_op(cfg, False) == "agecl.warp"):
+            unique = np.unique(self._epochs.ids)
+            need = presized_bytes(self.shards, len(unique), cfg)
+            if need <= cfg.cache_mb * 2**20:
+                presized = presize_faces(self.shards, unique, cfg)
                 self.note = presized.describe()
             else:
                 self.note = (f"loader: the training faces need {need / 2**20:.0f} MiB held decoded, over loader.cache_mb = "
-                             f"{self.cfg.cache_mb}: every batch decodes its JPEGs")
-        return _DaliRunner(self.shards, self.cfg, self.device, 3 * self.cfg.batch_size, stage, rank, presized)
+                             f"{cfg.cache_mb}: every batch decodes its JPEGs")
+        return _DaliRunner(self.shards, cfg, self.device, 3 * cfg.batch_size, stage, rank, presized)
 
 
 class DaliEvalLoader(_EvalLoader):

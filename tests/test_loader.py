@@ -397,7 +397,7 @@ def test_faces_held_decoded_match_decoding_every_batch(tmp_path):
     held = build_train_loader(shards, ids, _cfg("dali", image_size=224, output_size=64, batch_size=8))
     every = build_train_loader(shards, ids, _cfg("dali", image_size=224, output_size=64, batch_size=8, cache_mb=0))
     assert "held decoded at 64 x 64 px" in held.note and every.note is None
-    assert held._runner.feed.copy and not every._runner.feed.copy  # DALI copies each gathered batch
+    assert held._runner.feed.presized and not every._runner.feed.presized  # DALI copies each gathered batch
     for epoch in (0, 1):
         for a, b in zip(_epoch(held, epoch), _epoch(every, epoch), strict=True):
             assert torch.equal(a.ids, b.ids)
