@@ -47,7 +47,8 @@ REQUIRED_KEYS = ("format", "version", "config", "min_age", "max_age", "template"
 # Config keys that may differ between a checkpoint and the run resuming it: they control how and
 # where the run executes, not what it computes. `epochs` may grow (extend a finished run); the
 # shard folder may move between machines (the age range and face template are checked instead);
-# device, precision, compile and the loader backend follow the hardware. Everything else (data
+# device, precision, compile and the loader backend follow the hardware; test_tta scores the test
+# fold and trains nothing. Everything else (data
 # protocol and fold, augmentation, batch size, model, loss weights, preset, lr, seeds) must match.
 # Keys absent from the config are harmless here; a trainer adding a run-control key (e.g.
 # `resume`) lists it here or passes it in `ignore`.
@@ -60,6 +61,7 @@ RUN_CONTROL_KEYS = frozenset(
         "device",
         "precision",
         "compile",
+        "test_tta",
         "resume",
         "data.shards",
         "loader.loader",

@@ -99,6 +99,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     precision: str = "auto"  # "auto" (bf16 on CUDA and on CPUs with AMX / AVX512-BF16, else fp32) | "bf16" | "fp32"
     compile: str = "auto"  # "auto" (on for CUDA) | "on" | "off"
+    # The test fold's evaluation-time augmentation: "none" | "flip" (the mean of each face's and its
+    # mirror's age distributions; agecl.evaluate.predict). agecl-eval and agecl-predict default to it.
+    test_tta: str = "none"
     log_every: int = 50  # steps between host syncs for logging
     seed: int = 0
     out: str = ""  # run folder ("" = runs/<name>)

@@ -52,6 +52,7 @@ FOLD_DIR_GLOB = "fold-*"
 ALL_PROTOCOL = "all"  # results.json's protocol of `agecl-eval --all`: every sample of a set is tested
 
 CS_THRESHOLD = 5.0  # years: CS(5), the paper's cumulative score
+TTA_MODES = ("none", "flip")  # evaluation-time augmentation: none, or the mean with the mirror image
 
 # Arrays stored in predictions.npz (features and probabilities stay out: they are large and only
 # the identity-invariance numbers, already in results.json, need them).
@@ -84,6 +85,7 @@ def predict(
     *,
     min_age: int | None = None,
     keep_features: bool = True,
+    tta: str = "none",
 ) -> Predictions:
     """Run `model` over `eval_loader` and return the `Predictions`, under `torch.inference_mode`.
 
@@ -94,7 +96,13 @@ def predict(
     age and std are computed in float32 whatever the autocast dtype. Outputs accumulate on the device
     and come to the host once, at the end. The model is put in eval mode and its previous mode
     restored. `keep_features=False` drops `features` and `probs` (no identity invariance then).
+    `tta="flip"` also runs each image's horizontal mirror and averages the two age distributions
+    (and the two feature vectors): the expected age and std are those of the mixture, as
+    `agecl-predict --tta flip` reports them. The aligned template is near symmetric and training
+    flips horizontally, so the mirror is a face the model knows.
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     plain = unwrap(model)
     if min_age is None:
         if not hasattr(plain, "min_age"):
@@ -112,6 +120,11 @@ def predict(
                 with ctx:
                     f, logits = model(batch.images)  # (B, D), (B, A), maybe bf16
                 s = F.softmax(logits.float(), dim=-1)  # (B, A) float32
+                if tta == "flip":
+                    with ctx:
+                        f_m, logits_m = model(batch.images.flip(-1))
+                    s = 0.5 * (s + F.softmax(logits_m.float(), dim=-1))
+                    f = 0.5 * (f.float() + f_m.float())
                 if class_index is None:
                     class_index = torch.arange(s.shape[1], dtype=torch.float32, device=s.device)  # (A,)
                 m = s @ class_index  # (B,) mean class index
@@ -597,6 +610,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, help="images a batch (default: 3 x the training batch size)")
     p.add_argument("--workers", type=int, help="loader threads / processes (default: the checkpoint's)")
+    p.add_argument("--tta", choices=TTA_MODES,
+                   help="evaluation-time augmentation: flip averages the age distributions of each face and its "
+                   "mirror (default: the checkpoint's test_tta)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere")
     p.add_argument("--out", help="results folder (default: <checkpoint folder>/eval-<protocol>-fold-<K>); "
                    "--curves: the PNG (default: <RUN_DIR>/curves.png for one run, curves.png for several)")
@@ -670,7 +686,8 @@ def _evaluate_checkpoint(args) -> dict:
     if args.workers is not None:
         lcfg.workers = args.workers
     loader = build_eval_loader(shard_set, test_ids, lcfg, device=device, batch_size=args.batch_size)
-    preds = predict(model, loader, autocast)
+    tta = args.tta or cfg.get("test_tta", "none")
+    preds = predict(model, loader, autocast, tta=tta)
     m = metrics(preds.expected, preds.ages, preds.identities, preds.features, preds.probs)
     if args.out:
         out = Path(args.out)
@@ -693,10 +710,11 @@ def _evaluate_checkpoint(args) -> dict:
             "config": cfg,  # the checkpoint's full configuration, as the trainer records it
             "shards": str(shards),
             "n_train": int(len(train_ids)),
+            "tta": tta,
         },
     )
     where = f"every sample of {shards}" if args.all else f"{protocol} fold {fold}"
-    print(f"{args.checkpoint}: {where}, {len(preds)} test images")
+    print(f"{args.checkpoint}: {where}, {len(preds)} test images" + (", each with its mirror" if tta == "flip" else ""))
     print(format_metrics(m, baseline))
     print(f"wrote {out / RESULTS_FILE} and {out / PREDICTIONS_FILE}")
     return results

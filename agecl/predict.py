@@ -52,10 +52,10 @@ from agecl.align import (
 from agecl.atomic import EXIT_DISK_FULL, disk_full_message
 from agecl.checkpoint import CheckpointError, load_model
 from agecl.datasets import PHOTO_EXTENSIONS  # the suffixes (lower-cased) a folder walk picks up
+from agecl.evaluate import TTA_MODES
 from agecl.format import template_border
 from agecl.model import IMAGENET_MEAN, IMAGENET_STD
 
-TTA_MODES = ("none", "flip")
 PROGRESS_MIN_PHOTOS = 8  # more photos than this get a progress bar
 REASON_BAD_LANDMARKS = "bad-landmarks"  # MTCNN landmarks that collapse onto a point: not alignable
 REASON_DETECT_FAILED = "detection-failed"  # MTCNN raised on the image (e.g. a few pixels wide)
@@ -163,7 +163,8 @@ class AgePredictor:
 
     checkpoint: path of an agecl checkpoint (`runs/<name>/checkpoint.pt`).
     device: "auto" (cuda when present) | "cpu" | "cuda" | "cuda:N"; the detector runs there too.
-    tta: "none" or "flip" (average the age distributions of each face and its horizontal mirror).
+    tta: "none" or "flip" (average the age distributions of each face and its horizontal mirror);
+        None: the checkpoint's `test_tta`, the choice its tests were scored with.
     batch_size: aligned faces per forward pass. photo_batch: photos decoded and detected together.
     workers: threads decoding photos ahead of detection (0: decode in the calling thread).
     detector: a `FaceDetector` to use instead of the builder's defaults (e.g. a larger
@@ -175,13 +176,13 @@ class AgePredictor:
         checkpoint: Path | str,
         device: str | torch.device = "auto",
         *,
-        tta: str = "none",
+        tta: str | None = None,
         batch_size: int = 64,
         photo_batch: int = 16,
         workers: int = 2,
         detector: FaceDetector | None = None,
     ):
-        if tta not in TTA_MODES:
+        if tta is not None and tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
         if batch_size < 1 or photo_batch < 1:
             raise ValueError(f"batch_size and photo_batch must be at least 1, got {batch_size}, {photo_batch}")
@@ -198,7 +199,7 @@ class AgePredictor:
                 f"{checkpoint}: crop size {self.crop_size} does not fit the {self.template_size}-pixel aligned face"
             )
         self.crop_offset = centre_crop_offset(self.template_size, self.crop_size)
-        self.tta = tta
+        self.tta = self.info["config"].get("test_tta", "none") if tta is None else tta
         self.batch_size = int(batch_size)
         self.photo_batch = int(photo_batch)
         self.workers = max(0, int(workers))
@@ -527,8 +528,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     kind.add_argument("--csv", action="store_true", help="CSV with a header row")
     p.add_argument("-o", "--output", help="write the results to this file instead of stdout")
     p.add_argument("--annotate", metavar="DIR", help="write each photo with boxes and ages drawn on it under DIR")
-    p.add_argument("--tta", choices=TTA_MODES, default="none",
-                   help="evaluation-time augmentation: flip averages the distributions of the face and its mirror")
+    p.add_argument("--tta", choices=TTA_MODES,
+                   help="evaluation-time augmentation: flip averages the distributions of the face and its mirror "
+                   "(default: the checkpoint's test_tta)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: cuda when there is a GPU)")
     p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default %(default)s)")
     p.add_argument("--photo-batch", type=int, default=16,

@@ -119,6 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from another run's weights, its "
                    "checkpoint.pt or its run folder (one fold's); the backbone, and the age head class by class by age")
     p.add_argument("--flip", choices=("horizontal", "vertical", "none"), help="random flip (the paper's text says vertical)")
+    p.add_argument("--tta", choices=ev.TTA_MODES, help="the test fold's evaluation-time augmentation: flip averages the "
+                   "age distributions of each face and its mirror (default none)")
     p.add_argument("--min-age", type=int, help="lowest age class (default: the shard set's)")
     p.add_argument("--max-age", type=int, help="highest age class (default: the shard set's)")
     p.add_argument("--seed", type=int, help="seed of the model init, the triplet order and the augmentation")
@@ -187,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "model.pretrained": args.pretrained,
         "model.init_from": args.init_from,
         "log_every": args.log_every,
+        "test_tta": args.tta,
         "out": args.out,
         "name": args.name,
     }
@@ -421,6 +424,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     np.random.seed(cfg.seed)
     precision, precision_why = choose_precision(cfg.precision, device)
     learning_rate(cfg, 0, 1)  # an unknown schedule fails now, not after the data is set up
+    if cfg.test_tta not in ev.TTA_MODES:
+        raise TrainError(f"test_tta {cfg.test_tta!r}: expected one of {', '.join(ev.TTA_MODES)}")
     use_compile = _compile(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
@@ -629,7 +634,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     elif master:
         eval_loader = build_eval_loader(shards, test_ids, cfg.loader, device)
         raw_model.eval()
-        preds = ev.predict(raw_model, eval_loader, ctx, min_age=min_age)
+        preds = ev.predict(raw_model, eval_loader, ctx, min_age=min_age, tta=cfg.test_tta)
         del eval_loader
         m = ev.metrics(preds.expected, preds.ages, preds.identities, preds.features, preds.probs)
         results = ev.write_fold_results(

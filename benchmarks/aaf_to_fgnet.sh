@@ -15,6 +15,9 @@
 #               $ROWS (runs/fgnet-<border>-lopo-<row>-e<epochs>), pooled MAE over the 1,002 predictions
 #   select      the fine-tuning's length (FT_EPOCHS), chosen on FG-NET people outside each LOPO
 #               fold's test person (nested: two halves, each chosen on the other); then lopo again
+#   flip        every finished model above scored again with each test face's mirror averaged in
+#               (--tta flip) into <run>-flip: AAF val and the select stage's halves (where the
+#               choice is made), then the LOPO rows; the fine-tuning is not repeated
 #   table       the rows side by side
 #
 # Every choice is fixed here, before any FG-NET test fold is seen: the pretraining recipe (64 px,
@@ -141,6 +144,42 @@ for h in "ab":
 PY
 }
 
+stage_flip() {
+  # One process scores every checkpoint (82 LOPO folds: a model load and a dozen faces each).
+  local runs=("runs/aaf-$BORDER-pretrain-e$PRE_EPOCHS")
+  for h in a b; do runs+=("runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$FT_EPOCHS"); done
+  for row in $ROWS; do runs+=("$(lopo_dir "$row" "$FT_EPOCHS")"); done
+  $PY - "${runs[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+from agecl import evaluate
+
+def score(checkpoint: Path, out: Path) -> None:
+    if not (out / "results.json").is_file():  # a killed stage resumes: scored checkpoints are skipped
+        evaluate.main(["--checkpoint", str(checkpoint), "--tta", "flip", "--workers", "2", "--device", "cpu",
+                       "--out", str(out)])
+
+for run in map(Path, sys.argv[1:]):
+    flipped = Path(f"{run}-flip")
+    folds = sorted(run.glob("fold-*/results.json"))
+    if not folds and (run / "results.json").is_file():  # one run with a test fold (AAF val)
+        score(run / "checkpoint.pt", flipped)
+        before, after = (json.loads((d / "results.json").read_text())["test_mae"] for d in (run, flipped))
+    elif folds:
+        for r in folds:
+            score(r.parent / "checkpoint.pt", flipped / r.parent.name)
+        if not (run / "results.json").is_file():
+            print(f"{run}: not finished ({len(folds)} folds): scored what is there")
+            continue
+        evaluate.main(["--aggregate", str(flipped)])
+        before, after = (json.loads((d / "results.json").read_text())["pooled"]["mae"] for d in (run, flipped))
+    else:
+        print(f"{run}: not run")
+        continue
+    print(f"{run}: MAE {before:.2f}, with the mirror {after:.2f}")
+PY
+}
+
 stage_table() {
   $PY - "$BORDER" "$PRE_EPOCHS" "$FT_EPOCHS" $ROWS <<'PY'
 import json, sys
@@ -155,10 +194,12 @@ for row in rows:
     if not f.is_file():
         print(f"{row:24s} not run")
         continue
-    r = json.loads(f.read_text())
-    p = r["pooled"]
-    print(f"{row:24s} MAE {p['mae']:.2f}  CS(5) {100 * p['cs5']:.1f}%  n {p['n']}  baseline "
-          f"{r['mean_age_baseline']:.2f}  {r['status']}")
+    for name, f in ((row, f), (row + " + mirror", f.parent.with_name(f.parent.name + "-flip") / f.name)):
+        if f.is_file():
+            r = json.loads(f.read_text())
+            p = r["pooled"]
+            print(f"{name:24s} MAE {p['mae']:.2f}  CS(5) {100 * p['cs5']:.1f}%  n {p['n']}  baseline "
+                  f"{r['mean_age_baseline']:.2f}  {r['status']}")
 PY
 }
 

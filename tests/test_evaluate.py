@@ -193,6 +193,50 @@ def test_predict_real_age_model():
     assert p2.features is None and p2.probs is None
 
 
+class LeftColumn(nn.Module):
+    """All probability on class `x[:, 0, 0, 0]`, the top-left pixel: its mirror reads the top-right one."""
+
+    def __init__(self, classes: int, min_age: int):
+        super().__init__()
+        self.min_age, self.classes = min_age, classes
+
+    def forward(self, x):
+        f = x[:, 0, 0, :2].float()  # (B, 2): the two leftmost pixels of the first row
+        return f, 100.0 * nn.functional.one_hot(x[:, 0, 0, 0].long(), self.classes).float()
+
+
+def test_predict_flip_averages_each_face_with_its_mirror():
+    # Face k: class a_k at its left edge, b_k at its right edge. With the mirror averaged in, the
+    # distribution is half a, half b: expected age min_age + (a + b) / 2, std |a - b| / 2, and the
+    # features the mean of the face's and its mirror's.
+    a, b = torch.tensor([0, 4, 2, 5]), torch.tensor([4, 4, 5, 1])
+    images = torch.zeros(4, 3, 4, 4)
+    images[:, 0, 0, 0], images[:, 0, 0, -1] = a.float(), b.float()
+    model = LeftColumn(classes=6, min_age=20)
+    plain = predict(model, _batches(images, [20] * 4, [0, 0, 1, 1], 3))
+    flip = predict(model, _batches(images, [20] * 4, [0, 0, 1, 1], 3), tta="flip")
+    np.testing.assert_allclose(plain.expected, 20 + a.numpy(), atol=1e-4)
+    np.testing.assert_allclose(flip.expected, 20 + (a + b).numpy() / 2, atol=1e-4)
+    np.testing.assert_allclose(flip.std, np.abs(a - b).numpy() / 2, atol=1e-3)
+    np.testing.assert_allclose(flip.features, 0.5 * (images[:, 0, 0, :2] + images[:, 0, 0, [-1, -2]]).numpy())
+    np.testing.assert_allclose(flip.probs.sum(1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="tta"):
+        predict(model, _batches(images, [20] * 4, [0] * 4, 4), tta="rotate")
+
+
+def test_predict_flip_of_a_real_age_model_is_the_mean_of_two_softmaxes():
+    from agecl.model import AgeModel
+
+    torch.manual_seed(1)
+    model = AgeModel(min_age=0, max_age=20).eval()
+    images = torch.randn(5, 3, 16, 16)
+    p = predict(model, _batches(images, [5] * 5, range(5), 2), tta="flip")
+    with torch.no_grad():
+        s = 0.5 * (model(images)[1].softmax(-1) + model(images.flip(-1))[1].softmax(-1))  # (5, 21)
+    np.testing.assert_allclose(p.probs, s.numpy(), atol=1e-5)
+    np.testing.assert_allclose(p.expected, (s @ torch.arange(21.0)).numpy(), atol=1e-4)
+
+
 def test_predict_empty_loader():
     with pytest.raises(ValueError, match="no batches"):
         predict(OneHot(3, 0), [])
@@ -397,6 +441,18 @@ def test_cli_checkpoint_end_to_end(tmp_path, capsys):
     assert "WARNING" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    # --tta flip: the mirror averaged in, recorded; without the flag, the checkpoint's test_tta.
+    assert main(["--checkpoint", str(ckpt), "--device", "cpu", "--tta", "flip", "--out", str(tmp_path / "flip")]) == 0
+    assert "each with its mirror" in capsys.readouterr().out
+    assert json.loads((tmp_path / "flip" / "results.json").read_text())["tta"] == "flip"
+    assert r["tta"] == "none"
+    cfg.test_tta = "flip"
+    save_checkpoint(
+        tmp_path / "flip-run" / "checkpoint.pt", config=cfg, model=AgeModel(18, 45), min_age=18, max_age=45,
+        template={"size": 256, "coverage": 1.4}, epoch=2, step=10,
+    )
+    assert main(["--checkpoint", str(tmp_path / "flip-run" / "checkpoint.pt"), "--device", "cpu"]) == 0
+    assert "each with its mirror" in capsys.readouterr().out
 
 
 def test_cli_all_tests_every_sample_of_another_set(tmp_path, capsys):

@@ -167,6 +167,8 @@ def test_unknown_set_key_and_bad_values_are_errors(shards, tmp_path, capsys):
     assert "unknown loss preset" in capsys.readouterr().err
     assert main(["--shards", str(tmp_path / "missing")]) == 2
     assert "no such shard folder" in capsys.readouterr().err
+    assert main(["--shards", shards, "--out", str(tmp_path / "x"), "--set", "test_tta=rotate"]) == 2
+    assert "test_tta 'rotate'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -200,9 +202,10 @@ def test_the_loader_delivers_the_network_input_and_the_run_says_its_precision(sh
 def test_config_precedence_preset_then_flags_then_set():
     args = get_args_parser().parse_args(
         ["--shards", "s", "--preset", "paper-morph-ternary", "--flip", "horizontal", "--set", "loss.triplet=0.5",
-         "--seed", "7", "--no-compile", "--image-size", "64", "--batch-size", "16", "--set", "lr=0.01"]
+         "--seed", "7", "--no-compile", "--image-size", "64", "--batch-size", "16", "--set", "lr=0.01", "--tta", "flip"]
     )  # fmt: skip
     cfg = config_from_args(args)
+    assert cfg.test_tta == "flip"
     assert cfg.preset == "paper-morph-ternary" and cfg.loss.cosine == 10.0  # from the preset
     assert cfg.loss.triplet == 0.5  # --set beats the preset
     assert cfg.loader.flip == "horizontal"  # a flag beats the preset's vertical flip
