@@ -150,14 +150,19 @@ stage_flip() {
   for h in a b; do runs+=("runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$FT_EPOCHS"); done
   for row in $ROWS; do runs+=("$(lopo_dir "$row" "$FT_EPOCHS")"); done
   $PY - "${runs[@]}" <<'PY'
-import json, sys
+import contextlib, io, json, sys
 from pathlib import Path
 from agecl import evaluate
 
 def score(checkpoint: Path, out: Path) -> None:
-    if not (out / "results.json").is_file():  # a killed stage resumes: scored checkpoints are skipped
-        evaluate.main(["--checkpoint", str(checkpoint), "--tta", "flip", "--workers", "2", "--device", "cpu",
-                       "--out", str(out)])
+    if (out / "results.json").is_file():  # a killed stage resumes: scored checkpoints are skipped
+        return
+    said = io.StringIO()  # agecl-eval's report, kept for a failure: a row is 82 of them
+    with contextlib.redirect_stdout(said):
+        rc = evaluate.main(["--checkpoint", str(checkpoint), "--tta", "flip", "--workers", "2", "--device", "cpu",
+                            "--out", str(out)])
+    if rc != 0:
+        sys.exit(f"{checkpoint}: agecl-eval --tta flip failed (exit {rc}):\n{said.getvalue()}")
 
 for run in map(Path, sys.argv[1:]):
     flipped = Path(f"{run}-flip")
@@ -171,7 +176,8 @@ for run in map(Path, sys.argv[1:]):
         if not (run / "results.json").is_file():
             print(f"{run}: not finished ({len(folds)} folds): scored what is there")
             continue
-        evaluate.main(["--aggregate", str(flipped)])
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluate.main(["--aggregate", str(flipped)])
         before, after = (json.loads((d / "results.json").read_text())["pooled"]["mae"] for d in (run, flipped))
     else:
         print(f"{run}: not run")
