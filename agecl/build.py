@@ -631,6 +631,7 @@ examples:
   python tools/make_shards.py --dataset csv --csv labels.csv --path-column file --age-column age \\
       --identity-column person --out shards/mine
   python tools/make_shards.py --synthetic 2000 --out shards/synthetic
+  python tools/make_shards.py --combine shards/fgnet shards/aaf --out shards/fgnet+aaf   # finished sets, as one
   python tools/make_shards.py --dataset fgnet --root data/FGNET/images --out shards/fgnet \\
       --split-file lists/fgnet_lopo.txt --split-name paper
 
@@ -669,6 +670,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     src.add_argument("--age-column", help="CSV column of the age in years (default 'age')")
     src.add_argument("--identity-column", help="CSV column of the person (default: morph 'id_num', csv 'identity')")
     src.add_argument("--synthetic", type=int, default=0, metavar="N", help="build the generated dataset of N samples instead")
+    src.add_argument("--combine", nargs="+", metavar="SHARDS",
+                     help="one set made of finished shard sets (no detection): identities and sources prefixed by "
+                     "each set's folder name, each set's splits carried as <set>-<split> (see agecl.combine)")
     outg = p.add_argument_group("output")
     outg.add_argument("--out", required=True, help="shard folder to write")
     outg.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples a tar (default %(default)s)")
@@ -722,8 +726,8 @@ def _parse_part(text: str | None) -> tuple[int, int] | None:
 
 
 def _check_options(o: argparse.Namespace) -> None:
-    if bool(o.dataset) == bool(o.synthetic):
-        raise BuildError("give one of --dataset or --synthetic N")
+    if bool(o.dataset) + bool(o.synthetic) + bool(o.combine) != 1:
+        raise BuildError("give one of --dataset, --synthetic N or --combine SHARDS ...")
     if o.synthetic < 0:
         raise BuildError(f"--synthetic {o.synthetic}: must be a positive count")
     if o.seed < 0:
@@ -767,6 +771,23 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _combine(o: argparse.Namespace, out: Path, log) -> int:
+    from . import combine
+
+    if o.part or o.merge or o.split_file:
+        raise BuildError("--combine copies finished sets: it takes no --part, --merge or --split-file")
+    try:
+        named = combine.open_sets(o.combine, out)
+    except combine.CombineError as e:
+        raise BuildError(str(e)) from None
+    total = sum(len(s) for _, s in named)
+    with _bar(total, "combine", o.quiet, unit="face") as bar:
+        manifest = combine.combine(o.combine, out, shard_size=o.shard_size, command=o.command, progress=bar.update)
+    log(f"{out}: {manifest['samples']} samples of {len(named)} sets ("
+        + ", ".join(f"{name} {len(s)}" for name, s in named) + f"), splits {', '.join(manifest['splits'])}")
+    return 0
+
+
 def build(o: argparse.Namespace) -> int:
     """Run the builder with parsed options; returns the exit status. See the module docstring."""
     o.started = time.monotonic()
@@ -781,6 +802,8 @@ def build(o: argparse.Namespace) -> int:
     _check_options(o)
     part = _parse_part(o.part)
     out = Path(o.out)
+    if o.combine:
+        return _combine(o, out, log)
 
     # 1. Inputs and labels: every error about the dataset as a whole comes before any work.
     inputs: Inputs | None = None

@@ -10,7 +10,8 @@ A shard set is one folder:
     identities.json        list of identity strings; index["identity"] indexes it
     shard-00000.tar ...    WebDataset tars: <key>.jpg (256x256 RGB JPEG) + <key>.json per sample
     shard-00000.idx ...    DALI index of each tar (the format of DALI's wds2idx, v1.2)
-    splits/<name>.npy      int16 fold of every sample (-1: in no fold); test of fold k = (fold == k)
+    splits/<name>.npy      int16 fold of every sample (-1: in no fold; -2: in the training part of
+                           every fold, never tested); test of fold k = (fold == k)
     splits/<name>.json     what the split is: protocol, folds, seed, level, source
     rejects.jsonl          one line per input photo that did not become a sample: source, reason
 
@@ -38,6 +39,11 @@ IDENTITIES_FILE = "identities.json"
 CHECKSUMS_FILE = "checksums.npy"
 REJECTS_FILE = "rejects.jsonl"
 SPLITS_DIR = "splits"
+# Split values that are not folds. NOT_IN_SPLIT: the sample is in no fold (neither trained on nor
+# tested). EVERY_TRAIN_PART: trained on in every fold and never tested, e.g. another data set's
+# faces replayed while fine-tuning on this one (agecl.combine).
+NOT_IN_SPLIT = -1
+EVERY_TRAIN_PART = -2
 SHARD_PATTERN = "shard-{:05d}.tar"
 DALI_INDEX_PATTERN = "shard-{:05d}.idx"
 

@@ -19,6 +19,7 @@ A `ShardSet` pickles without its maps (DataLoader workers reopen them on first u
 
 from __future__ import annotations
 
+import json
 import mmap
 import zlib
 from pathlib import Path
@@ -48,7 +49,7 @@ class ShardSet:
         self._open_index()
         self._check_index()
         self._maps: dict[int, np.ndarray] = {}  # shard -> (bytes,) uint8 view of its read-only mmap
-        self._keys: dict[int, list[str]] = {}  # shard -> member keys, read from its DALI index on demand
+        self._index_members: dict[int, list[dict]] = {}  # shard -> its samples' members, read from its DALI index on demand
         self._check_shards()
         if verify:
             self.verify()
@@ -184,13 +185,13 @@ class ShardSet:
         # Maps and index columns are per process: workers reopen them (mmap cannot be pickled, and
         # copying the index would cost every worker its own copy).
         state = self.__dict__.copy()
-        for name in ("_maps", "_keys", "index", "ages", "identities", "_shard", "_offset", "_size"):
+        for name in ("_maps", "_index_members", "index", "ages", "identities", "_shard", "_offset", "_size"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._maps, self._keys = {}, {}
+        self._maps, self._index_members = {}, {}
         self._open_index()
 
     # ------------------------------------------------------------------------------------------
@@ -212,7 +213,8 @@ class ShardSet:
         return [(maps.get(s) if s in maps else self._map(s))[o : o + n] for s, o, n in zip(shards, offs, sizes)]
 
     def split(self, name: str) -> np.ndarray:
-        """(N,) int16 fold of every sample under protocol `name` (-1: in no fold)."""
+        """(N,) int16 fold of every sample under protocol `name` (-1: in no fold, -2: in every
+        fold's training part)."""
         folds = fmt.load_split(self.root, name)
         if len(folds) != len(self):
             raise fmt.FormatError(f"{fmt.split_path(self.root, name)}: {len(folds)} rows, the index has {len(self)}")
@@ -221,19 +223,20 @@ class ShardSet:
     def split_ids(self, protocol: str, fold: int, part: str = "train") -> np.ndarray:
         """Sample ids (int64, ascending) of one part of a protocol fold.
 
-        part "test": the samples of fold `fold`; "train": the samples of every other fold
-        (samples in no fold, -1, are in neither). Fold NO_TEST_FOLD (-1) has no test part and
-        trains on every fold.
+        part "test": the samples of fold `fold`; "train": the samples of every other fold and
+        those marked EVERY_TRAIN_PART (-2) (samples in no fold, -1, are in neither). Fold
+        NO_TEST_FOLD (-1) has no test part and trains on every fold.
         """
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         folds = self.split(protocol)
         n_folds = int(folds.max()) + 1 if len(folds) else 0
+        always = folds == fmt.EVERY_TRAIN_PART
         if fold == NO_TEST_FOLD:
-            return np.flatnonzero(folds >= 0).astype(np.int64) if part == "train" else np.zeros(0, np.int64)
+            return np.flatnonzero((folds >= 0) | always).astype(np.int64) if part == "train" else np.zeros(0, np.int64)
         if not 0 <= fold < n_folds:
             raise ValueError(f"split {protocol!r} of {self.root} has folds 0..{n_folds - 1}, got fold {fold}")
-        mask = folds == fold if part == "test" else (folds >= 0) & (folds != fold)
+        mask = folds == fold if part == "test" else ((folds >= 0) & (folds != fold)) | always
         return np.flatnonzero(mask).astype(np.int64)
 
     @property
@@ -253,23 +256,41 @@ class ShardSet:
         lo, hi = np.searchsorted(self._shard, [shard, shard + 1])
         return int(hi - lo)
 
+    def _members(self, s: int) -> list[dict[str, tuple[int, int, str]]]:
+        """Shard s's samples in order, each {extension: (offset, size, member name)}, from its DALI
+        index (read once; empty when unreadable)."""
+        members = self._index_members.get(s)
+        if members is None:
+            members = []
+            try:
+                for line in fmt.dali_index_path(self.root, s).read_text().splitlines()[1:]:
+                    fields = line.split()  # ext offset size name, per member
+                    members.append({fields[k]: (int(fields[k + 1]), int(fields[k + 2]), fields[k + 3])
+                                    for k in range(0, len(fields) - 3, 4)})
+            except (OSError, ValueError):
+                members = []
+            self._index_members[s] = members
+        return members
+
     def key(self, i: int) -> str:
         """The WebDataset key of sample i, from its shard's DALI index ("?" when unreadable)."""
         s = int(self._shard[i])
-        keys = self._keys.get(s)
-        if keys is None:
-            keys = []
-            try:
-                lines = fmt.dali_index_path(self.root, s).read_text().splitlines()[1:]
-                for line in lines:
-                    fields = line.split()  # ext offset size name, per member
-                    names = [fields[k] for k in range(3, len(fields), 4) if fields[k - 3] == fmt.IMAGE_EXT]
-                    keys.append(names[0].rsplit(".", 1)[0] if names else "?")
-            except OSError:
-                pass
-            self._keys[s] = keys
+        members = self._members(s)
         j = i - int(np.searchsorted(self._shard, s))
-        return keys[j] if 0 <= j < len(keys) else "?"
+        image = members[j].get(fmt.IMAGE_EXT) if 0 <= j < len(members) else None
+        return image[2].rsplit(".", 1)[0] if image else "?"
+
+    def meta(self, i: int) -> dict:
+        """The JSON record stored beside sample i's JPEG (key, age, identity, source and what the
+        builder added: detection score, landmarks, the share of the frame outside the photo ...)."""
+        s = int(self._shard[i])
+        members = self._members(s)
+        j = i - int(np.searchsorted(self._shard, s))
+        found = members[j].get(fmt.META_EXT) if 0 <= j < len(members) else None
+        if found is None:
+            raise fmt.FormatError(f"{self.sample_name(i)}: no .{fmt.META_EXT} member in {fmt.dali_index_path(self.root, s)}")
+        offset, size, _ = found
+        return json.loads(self._map(s)[offset : offset + size].tobytes())
 
     def sample_name(self, i: int, path: bool = True) -> str:
         """'<shard path>: sample <i> (key <key>)', the provenance every error carries."""

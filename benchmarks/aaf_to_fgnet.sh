@@ -15,6 +15,11 @@
 #               $ROWS (runs/fgnet-<border>-lopo-<row>-e<epochs>), pooled MAE over the 1,002 predictions
 #   select      the fine-tuning's length (FT_EPOCHS), chosen on FG-NET people outside each LOPO
 #               fold's test person (nested: two halves, each chosen on the other); then lopo again
+#   replay      FG-NET and AAF combined into one shard set (shards/fgnet+aaf-<border>), with splits
+#               that add REPLAY x (a fold's FG-NET training faces) random AAF faces to every
+#               training part (<split>-replay<REPLAY>); with REPLAY set, select and lopo fine-tune
+#               on those (their folders end in -replay<REPLAY>): AAF's adults stay in view while
+#               FG-NET's young faces are learnt
 #   flip        every finished model above scored again with each test face's mirror averaged in
 #               (--tta flip) into <run>-flip: AAF val and the select stage's halves (where the
 #               choice is made), then the LOPO rows; the fine-tuning is not repeated
@@ -43,6 +48,7 @@ FT_BATCH=${FT_BATCH:-16}
 JOBS=${JOBS:-2}
 FT_CHOICES=${FT_CHOICES:-"1 2 4 8"}  # the select stage's candidates for FT_EPOCHS
 SELECT_ROW=${SELECT_ROW:-paper-fgnet-ternary}
+REPLAY=${REPLAY:-0}  # AAF faces replayed while fine-tuning, per FG-NET training face (0: none)
 AAF=${AAF:-../shared/data/aaf/images}
 FGNET=${FGNET:-../shared/data/fgnet/images}
 
@@ -83,12 +89,17 @@ stage_zeroshot() {
     --all --device cpu
 }
 
-# A LOPO row's folder: the row, the pretraining's epochs and, when not 1, the fine-tuning's.
-lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-e$PRE_EPOCHS$([ "$2" = 1 ] || echo "-ft$2")"; }
+# The fine-tuning's shard set and split name: FG-NET's own, or the combined set's with AAF replayed.
+fg_set() { if [ "$REPLAY" = 0 ]; then echo "shards/fgnet-$BORDER"; else echo "shards/fgnet+aaf-$BORDER"; fi; }
+fg_split() { if [ "$REPLAY" = 0 ]; then echo "$1"; else echo "$1-replay$REPLAY"; fi; }
+replay_tag() { [ "$REPLAY" = 0 ] || echo "-replay$REPLAY"; }
+
+# A LOPO row's folder: the row, the pretraining's epochs, the fine-tuning's when not 1, the replay.
+lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-e$PRE_EPOCHS$([ "$2" = 1 ] || echo "-ft$2")$(replay_tag)"; }
 
 stage_lopo() {
   for row in $ROWS; do
-    $PY -m agecl.train --shards "shards/fgnet-$BORDER" --protocol lopo --all-folds --jobs "$JOBS" \
+    $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split lopo)" --all-folds --jobs "$JOBS" \
       --init-from "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --preset "$row" --flip horizontal \
       --image-size "$SIZE" --epochs "$FT_EPOCHS" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
       --workers 1 --device cpu --out "$(lopo_dir "$row" "$FT_EPOCHS")" --resume --quiet
@@ -125,29 +136,56 @@ for name, (mine, other) in {"inner-a": ("a", "b"), "inner-b": ("b", "a")}.items(
 PY
   for h in a b; do
     for e in $FT_CHOICES; do
-      $PY -m agecl.train --shards "shards/fgnet-$BORDER" --protocol "inner-$h" --all-folds \
+      local run="runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$e$(replay_tag)"
+      $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split "inner-$h")" --all-folds \
         --init-from "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --preset "$SELECT_ROW" --flip horizontal \
         --image-size "$SIZE" --epochs "$e" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
-        --workers 2 --device cpu --out "runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$e" --resume --quiet \
-        > "runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$e.log" 2>&1
+        --workers 2 --device cpu --out "$run" --resume --quiet > "$run.log" 2>&1
     done
   done
-  $PY - "$BORDER" "$PRE_EPOCHS" "$SELECT_ROW" $FT_CHOICES <<'PY'
+  $PY - "$BORDER" "$PRE_EPOCHS" "$SELECT_ROW" "$(replay_tag)" $FT_CHOICES <<'PY'
 import json, sys
 from pathlib import Path
-border, pre, row, choices = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+border, pre, row, tag, choices = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 for h in "ab":
-    maes = {e: json.loads(Path(f"runs/fgnet-{border}-select-{h}-{row}-e{pre}-ft{e}/results.json").read_text())["pooled"]["mae"]
+    maes = {e: json.loads(Path(f"runs/fgnet-{border}-select-{h}-{row}-e{pre}-ft{e}{tag}/results.json").read_text())["pooled"]["mae"]
             for e in choices}
     best = min(maes, key=maes.get)
     print(f"for the LOPO folds of half {h}: " + "  ".join(f"{e} epochs {m:.2f}" for e, m in maes.items()) + f"  -> {best}")
 PY
 }
 
+stage_replay() {
+  [ -f "shards/fgnet+aaf-$BORDER/manifest.json" ] ||
+    $PY tools/make_shards.py --combine "shards/fgnet-$BORDER" "shards/aaf-$BORDER" --out "shards/fgnet+aaf-$BORDER" --quiet
+  $PY - "shards/fgnet+aaf-$BORDER" "fgnet-$BORDER" "aaf-$BORDER" "$REPLAY" <<'PY'
+import sys
+import numpy as np
+from agecl import format as fmt
+from agecl.reader import ShardSet
+from agecl.shards import write_split
+root, fgnet, aaf, ratio = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+s = ShardSet(root)
+aaf_rows = np.flatnonzero([s.identity_names[i].startswith(aaf + "/") for i in s.identities])
+for split in ("lopo", "inner-a", "inner-b"):
+    folds = s.split(f"{fgnet}-{split}").copy()
+    k = int(folds.max()) + 1
+    per_fold = np.mean([((folds >= 0) & (folds != f)).sum() for f in range(k)])  # FG-NET training faces a fold
+    n = int(round(ratio * per_fold))
+    # The same random AAF faces in every fold's training part (seed 0), never tested.
+    folds[np.random.default_rng(0).choice(aaf_rows, n, replace=False)] = fmt.EVERY_TRAIN_PART
+    name = f"{split}-replay{sys.argv[4]}"
+    write_split(root, name, folds, {"protocol": name, "seed": 0, "from": f"{fgnet}-{split}", "replayed": n,
+                "rule": f"{fgnet}'s {split} folds; {n} random {aaf} faces ({ratio:g} x the {per_fold:.0f} "
+                        "FG-NET training faces of a fold) in every training part"})
+    print(f"{root}: split {name}: {k} folds, {n} {aaf} faces in every training part")
+PY
+}
+
 stage_flip() {
   # One process scores every checkpoint (82 LOPO folds: a model load and a dozen faces each).
   local runs=("runs/aaf-$BORDER-pretrain-e$PRE_EPOCHS")
-  for h in a b; do runs+=("runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$FT_EPOCHS"); done
+  for h in a b; do runs+=("runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$FT_EPOCHS$(replay_tag)"); done
   for row in $ROWS; do runs+=("$(lopo_dir "$row" "$FT_EPOCHS")"); done
   $PY - "${runs[@]}" <<'PY'
 import contextlib, io, json, sys
@@ -187,16 +225,16 @@ PY
 }
 
 stage_table() {
-  $PY - "$BORDER" "$PRE_EPOCHS" "$FT_EPOCHS" $ROWS <<'PY'
+  $PY - "$BORDER" "$PRE_EPOCHS" "$FT_EPOCHS" "$(replay_tag)" $ROWS <<'PY'
 import json, sys
 from pathlib import Path
-border, epochs, ft, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+border, epochs, ft, tag, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 z = Path(f"runs/aaf-{border}-all-e{epochs}/eval-fgnet-{border}-all/results.json")
 if z.is_file():
     r = json.loads(z.read_text())
     print(f"{'zero-shot (AAF model)':24s} MAE {r['test_mae']:.2f}  CS(5) {100 * r['test_cs5']:.1f}%  n {r['n_test']}")
 for row in rows:
-    f = Path(f"runs/fgnet-{border}-lopo-{row}-e{epochs}{'' if ft == '1' else '-ft' + ft}/results.json")
+    f = Path(f"runs/fgnet-{border}-lopo-{row}-e{epochs}{'' if ft == '1' else '-ft' + ft}{tag}/results.json")
     if not f.is_file():
         print(f"{row:24s} not run")
         continue
