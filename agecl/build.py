@@ -782,7 +782,7 @@ def _combine(o: argparse.Namespace, out: Path, log) -> int:
         raise BuildError(str(e)) from None
     total = sum(len(s) for _, s in named)
     with _bar(total, "combine", o.quiet, unit="face") as bar:
-        manifest = combine.combine(o.combine, out, shard_size=o.shard_size, command=o.command, progress=bar.update)
+        manifest = combine.combine(named, out, shard_size=o.shard_size, command=o.command, progress=bar.update)
     log(f"{out}: {manifest['samples']} samples of {len(named)} sets ("
         + ", ".join(f"{name} {len(s)}" for name, s in named) + f"), splits {', '.join(manifest['splits'])}")
     return 0

@@ -55,7 +55,7 @@ def open_sets(roots: Sequence[Path | str], out: Path | str) -> list[tuple[str, S
     for name, s in named:
         if s.root.resolve() == out:
             raise CombineError(f"--combine: {s.root} is also --out")
-    first_name, first = named[0]
+    first = named[0][1]
     for name, s in named[1:]:
         a, b = _template(first), _template(s)
         if a != b:
@@ -83,20 +83,20 @@ def _samples(name: str, s: ShardSet) -> Iterator[shards.Sample]:
 
 
 def combine(
-    roots: Sequence[Path | str],
+    named: Sequence[tuple[str, ShardSet]],
     out: Path | str,
     *,
     shard_size: int = 1000,
     command: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Write the combined set of `roots` into `out` (see the module docstring); returns its manifest.
+    """Write the combined set of `named`, the checked sets `open_sets` returns, into `out` (see the
+    module docstring); returns its manifest.
 
     The manifest is removed first and written last, as every build does: a killed run leaves a
     folder without one, and running the command again rewrites it whole.
     """
     started = time.monotonic()
-    named = open_sets(roots, out)
     out = Path(out)
     n = sum(len(s) for _, s in named)
     identities = sorted(f"{name}/{i}" for name, s in named for i in s.identity_names)
