@@ -67,6 +67,10 @@ class ModelConfig:
     # What init_from was when the run started: the source checkpoint's path, sha256, architecture,
     # ages, template and configuration. Filled in by the trainer (config.json, the checkpoint).
     init_source: dict = field(default_factory=dict)
+    # Fine-tuning: hold the backbone fixed up to this stage ("stem", "layer1" .. "layer4"; "" trains
+    # everything): its weights and BatchNorm statistics stay the source's, and the backward pass
+    # stops at the first stage trained, so a step costs less.
+    freeze: str = ""
 
 
 @dataclass

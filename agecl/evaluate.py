@@ -613,6 +613,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=TTA_MODES,
                    help="evaluation-time augmentation: flip averages the age distributions of each face and its "
                    "mirror (default: the checkpoint's test_tta)")
+    p.add_argument("--wise-ft", type=float, metavar="W",
+                   help="a fine-tuned model: test W x its weights + (1 - W) x those of the checkpoint it started "
+                        "from (WiSE-FT; 1: as fine-tuned, the default)")
+    p.add_argument("--wise-ft-source", metavar="CHECKPOINT",
+                   help="--wise-ft: where the source checkpoint is now (default: the path the run recorded; "
+                        "either way it must be the recorded file, by sha256)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere")
     p.add_argument("--out", help="results folder (default: <checkpoint folder>/eval-<protocol>-fold-<K>); "
                    "--curves: the PNG (default: <RUN_DIR>/curves.png for one run, curves.png for several)")
@@ -634,6 +640,12 @@ def _evaluate_checkpoint(args) -> dict:
     device = _resolve_device(args.device)
     model, info = load_model(args.checkpoint, device)
     cfg = info["config"]
+    wise_ft = 1.0 if args.wise_ft is None else args.wise_ft
+    if wise_ft != 1.0 or args.wise_ft_source:
+        from agecl import finetune
+
+        source = finetune.recorded_source(cfg, model.arch, args.wise_ft_source)
+        print(finetune.blend_with_source(model, source, wise_ft))
     data = cfg.get("data", {})
     shards = args.shards or data.get("shards")
     if not shards:
@@ -711,6 +723,7 @@ def _evaluate_checkpoint(args) -> dict:
             "shards": str(shards),
             "n_train": int(len(train_ids)),
             "tta": tta,
+            "wise_ft": wise_ft,
         },
     )
     where = f"every sample of {shards}" if args.all else f"{protocol} fold {fold}"

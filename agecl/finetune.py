@@ -14,10 +14,15 @@ is not an agecl checkpoint (a torchvision state_dict belongs in model.pretrained
 another architecture, and a run folder of every fold (`--all-folds` writes fold-<k>/ folders): it
 holds one model a fold and which one to start from is the user's choice, so name one fold's
 checkpoint.pt. A run of `--all-folds` with --init-from starts every fold from that one checkpoint.
+
+A fine-tuned model can also be moved back part of the way towards its source, weight by weight
+(WiSE-FT, Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022): `blend_with_source`,
+`agecl-eval --wise-ft W`. The source is the one the run recorded (path, checked by sha256).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -111,3 +116,37 @@ def init_model(model: AgeModel, source: dict) -> str:
     fresh = model.num_classes - max(0, hi - lo + 1)
     return (f"init from {source['path']} ({src_min}-{src_max}, epoch {source['epoch']}): backbone, {shared}, "
             f"{fresh} of {model.num_classes} age classes fresh")
+
+
+def recorded_source(config: dict, arch: str, path: str | None = None) -> dict:
+    """The checkpoint a fine-tuned run started from, as its config recorded it (model.init_source),
+    loaded and checked to be that very file (sha256); `path` names it where it has moved.
+    Raises CheckpointError naming the file and the reason."""
+    recorded = config.get("model", {}).get("init_source") or {}
+    if not recorded and path is None:
+        raise CheckpointError("the model was not fine-tuned from another agecl run (no model.init_source): "
+                              "there is no source to blend with")
+    source = load_source(path or recorded["path"], arch)
+    if recorded and source["sha256"] != recorded["sha256"]:
+        raise CheckpointError(
+            f"{source['path']}: not the checkpoint the run started from (sha256 {source['sha256'][:12]}..., "
+            f"recorded {recorded['sha256'][:12]}...)"
+        )
+    return source
+
+
+def blend_with_source(model: AgeModel, source: dict, weight: float) -> str:
+    """WiSE-FT: every weight and BatchNorm statistic of the fine-tuned `model` becomes
+    weight * fine-tuned + (1 - weight) * source, in place (weight 1: the model as fine-tuned, 0:
+    the source). The source's head is mapped by age value as `init_model` maps it, so the head rows
+    of ages the source never had stay as fine-tuned. Returns a one-line report."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"wise-ft weight {weight}: expected a number from 0 (the source) to 1 (as fine-tuned)")
+    anchor = copy.deepcopy(model)  # the fine-tuned model with the source's weights laid over it
+    report = init_model(anchor, source)
+    sources = anchor.state_dict()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():  # tensors that share the model's storage
+            if value.is_floating_point():  # not BatchNorm's num_batches_tracked
+                value.lerp_(sources[name].to(value.dtype), 1.0 - weight)
+    return f"wise-ft {weight:g}: {weight:g} x fine-tuned + {1 - weight:g} x source ({report})"

@@ -33,6 +33,11 @@ ARCHS = {
 }
 
 
+# The backbone's stages in order, as `ModelConfig.freeze` names them: freezing one freezes it and
+# every stage before it.
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
 class PretrainedError(RuntimeError):
     """Backbone weights could not be obtained or do not fit the architecture."""
 
@@ -40,10 +45,14 @@ class PretrainedError(RuntimeError):
 class AgeModel(nn.Module):
     """ResNet backbone + linear age head. `forward(x) -> (features (B, D), logits (B, A))`."""
 
-    def __init__(self, min_age: int, max_age: int, arch: str = "resnet18", pretrained: str = "", input_size: int = 0):
+    def __init__(
+        self, min_age: int, max_age: int, arch: str = "resnet18", pretrained: str = "", input_size: int = 0, freeze: str = ""
+    ):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHS)})")
+        if freeze not in ("", *STAGES):
+            raise ValueError(f"freeze {freeze!r}: expected one of {', '.join(STAGES)} (or nothing)")
         if not (0 <= int(min_age) <= int(max_age)):
             raise ValueError(f"need 0 <= min_age <= max_age, got min_age={min_age}, max_age={max_age}")
         self.arch = arch
@@ -63,6 +72,26 @@ class AgeModel(nn.Module):
         # (A,) class indices 0..A-1 as floats, for the expected value. Not persistent: it is
         # derived from (min_age, max_age), which the checkpoint stores as plain values.
         self.register_buffer("class_index", torch.arange(self.num_classes, dtype=torch.float32), persistent=False)
+        # Fine-tuning: the stages up to `freeze` keep their weights and BatchNorm statistics. Nothing
+        # before the first trained stage needs a gradient, so autograd records none of it: the
+        # backward pass stops there.
+        self.freeze = freeze
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The backbone's modules that `freeze` holds fixed, from the stem to that stage."""
+        if not self.freeze:
+            return []
+        b = self.backbone
+        stages = {"stem": [b.conv1, b.bn1], "layer1": [b.layer1], "layer2": [b.layer2], "layer3": [b.layer3], "layer4": [b.layer4]}
+        return [m for stage in STAGES[: STAGES.index(self.freeze) + 1] for m in stages[stage]]
+
+    def train(self, mode: bool = True) -> "AgeModel":
+        super().train(mode)
+        for module in self.frozen_modules():  # frozen BatchNorm statistics too: the source's
+            module.train(False)
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_size and x.shape[-1] != self.input_size:
@@ -95,7 +124,8 @@ class AgeModel(nn.Module):
 def build_model(cfg, min_age: int, max_age: int) -> AgeModel:
     """An `AgeModel` from a `TrainConfig` (or a `ModelConfig`) and the resolved age range."""
     mcfg = getattr(cfg, "model", cfg)
-    return AgeModel(min_age, max_age, arch=mcfg.arch, pretrained=mcfg.pretrained, input_size=mcfg.input_size)
+    return AgeModel(min_age, max_age, arch=mcfg.arch, pretrained=mcfg.pretrained, input_size=mcfg.input_size,
+                    freeze=mcfg.freeze)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

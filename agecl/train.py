@@ -58,7 +58,7 @@ from agecl.checkpoint import (
 from agecl.config import NO_TEST_FOLD, TrainConfig, apply_overrides, describe, from_dict, to_dict
 from agecl.loader import build_eval_loader, build_train_loader
 from agecl.losses import age_loss, apply_train_preset
-from agecl.model import AgeModel, PretrainedError
+from agecl.model import STAGES, AgeModel, PretrainedError
 from agecl.reader import ShardSet
 
 CONFIG_FILE = "config.json"
@@ -118,6 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", nargs="?", const="imagenet", help="backbone weights: imagenet (the paper's; the default when the flag has no value) or a file")
     p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="fine-tune: start from another run's weights, its "
                    "checkpoint.pt or its run folder (one fold's); the backbone, and the age head class by class by age")
+    p.add_argument("--freeze", choices=STAGES, help="fine-tuning: hold the backbone fixed from the stem up to this "
+                   "stage (weights and BatchNorm statistics); the backward pass stops there, so a step costs less")
     p.add_argument("--flip", choices=("horizontal", "vertical", "none"), help="random flip (the paper's text says vertical)")
     p.add_argument("--tta", choices=ev.TTA_MODES, help="the test fold's evaluation-time augmentation: flip averages the "
                    "age distributions of each face and its mirror (default none)")
@@ -188,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "model.arch": args.arch,
         "model.pretrained": args.pretrained,
         "model.init_from": args.init_from,
+        "model.freeze": args.freeze,
         "log_every": args.log_every,
         "test_tta": args.tta,
         "out": args.out,
@@ -426,6 +429,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     learning_rate(cfg, 0, 1)  # an unknown schedule fails now, not after the data is set up
     if cfg.test_tta not in ev.TTA_MODES:
         raise TrainError(f"test_tta {cfg.test_tta!r}: expected one of {', '.join(ev.TTA_MODES)}")
+    if cfg.model.freeze not in ("", *STAGES):
+        raise TrainError(f"model.freeze {cfg.model.freeze!r}: expected one of {', '.join(STAGES)} (or nothing)")
+    if cfg.model.freeze and not (cfg.model.init_from or cfg.model.pretrained):
+        raise TrainError(f"model.freeze {cfg.model.freeze}: a frozen stage of a randomly initialised backbone learns "
+                         "nothing; fine-tune (--init-from, --pretrained) or leave it unset")
     use_compile = _compile(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
@@ -479,13 +487,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     # source: no backbone download for nothing.
     raw_model = AgeModel(
         min_age, max_age, arch=cfg.model.arch, pretrained=cfg.model.pretrained if ckpt is None and source is None else "",
-        input_size=cfg.model.input_size,
+        input_size=cfg.model.input_size, freeze=cfg.model.freeze,
     )
     if source is not None:
         dist.print0(finetune.init_model(raw_model, source))
         del source
     raw_model = raw_model.to(device, memory_format=memory_format)
-    optimizer = make_optimizer(raw_model.parameters(), cfg.lr, cfg.weight_decay, device)
+    optimizer = make_optimizer([p for p in raw_model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay, device)
 
     # -- resume or start ---------------------------------------------------------------------------------
     start_epoch, step = 0, 0

@@ -23,8 +23,14 @@
 #   flip        every finished model above scored again with each test face's mirror averaged in
 #               (--tta flip) into <run>-flip: AAF val and the select stage's halves (where the
 #               choice is made), then the LOPO rows; the fine-tuning is not repeated
+#   wise        WiSE-FT: the select halves' models blended back towards the AAF model (agecl-eval
+#               --wise-ft W, W of $WISE_CHOICES, with the mirror) into <run>-flip-wise<W>; with WISE set
+#               (the choice), the LOPO rows too
 #   table       the rows side by side
 #
+# FREEZE=<stage> fine-tunes with the backbone held fixed from the stem up to that stage (agecl-train
+# --freeze; select and lopo, folders ending in -freeze-<stage>): cheaper steps (the backward pass
+# stops there), and the AAF model's early features kept.
 # Every choice is fixed here, before any FG-NET test fold is seen: the pretraining recipe (64 px,
 # $PRE_EPOCHS epochs, cosine, horizontal flips, the ternary loss with every image of a triplet
 # supervised) and the fine-tuning one ($FT_EPOCHS epochs, Adam lr $FT_LR, cosine, batch
@@ -50,6 +56,9 @@ FT_BATCH=${FT_BATCH:-16}
 JOBS=${JOBS:-2}
 FT_CHOICES=${FT_CHOICES:-"1 2 4 8 16"}  # the select stage's candidates for FT_EPOCHS
 SELECT_ROW=${SELECT_ROW:-paper-fgnet-ternary}
+WISE=${WISE:-1}  # the wise stage's weight of the fine-tuned model (1: as fine-tuned)
+WISE_CHOICES=${WISE_CHOICES:-"0.5 0.6 0.7 0.8 0.9"}  # its candidates, scored on the select halves
+FREEZE=${FREEZE:-}  # fine-tuning: the backbone held fixed up to this stage (agecl-train --freeze; "": none)
 REPLAY=${REPLAY:-0}  # AAF faces replayed while fine-tuning, per FG-NET training face (0: none)
 AAF=${AAF:-../shared/data/aaf/images}
 FGNET=${FGNET:-../shared/data/fgnet/images}
@@ -95,16 +104,22 @@ stage_zeroshot() {
 fg_set() { if [ "$REPLAY" = 0 ]; then echo "shards/fgnet-$BORDER"; else echo "shards/fgnet+aaf-$BORDER"; fi; }
 fg_split() { if [ "$REPLAY" = 0 ]; then echo "$1"; else echo "$1-replay$REPLAY"; fi; }
 replay_tag() { [ "$REPLAY" = 0 ] || echo "-replay$REPLAY"; }
+# The fine-tuning's settings beyond its epochs, as a folder suffix: AAF replayed, the stages held fixed.
+ft_tag() { printf "%s%s" "$(replay_tag)" "${FREEZE:+-freeze-$FREEZE}"; }
+ft_flags() { [ -z "$FREEZE" ] || echo "--freeze $FREEZE"; }
 
-# A LOPO row's folder: the row, the pretraining's epochs, the fine-tuning's when not 1, the replay.
-lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-e$PRE_EPOCHS$([ "$2" = 1 ] || echo "-ft$2")$(replay_tag)"; }
+# A LOPO row's folder: the row, the pretraining's epochs, the fine-tuning's when not 1, ft_tag.
+lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-e$PRE_EPOCHS$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }
+
+# A select stage's run: the half, the row, the pretraining's and the fine-tuning's epochs, ft_tag.
+select_dir() { echo "runs/fgnet-$BORDER-select-$1-$SELECT_ROW-e$PRE_EPOCHS-ft$2$(ft_tag)"; }
 
 stage_lopo() {
   for row in $ROWS; do
     $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split lopo)" --all-folds --jobs "$JOBS" \
       --init-from "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --preset "$row" --flip horizontal \
       --image-size "$SIZE" --epochs "$FT_EPOCHS" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
-      --workers 1 --device cpu --out "$(lopo_dir "$row" "$FT_EPOCHS")" --resume --quiet
+      $(ft_flags) --workers 1 --device cpu --out "$(lopo_dir "$row" "$FT_EPOCHS")" --resume --quiet
   done
 }
 
@@ -138,14 +153,14 @@ for name, (mine, other) in {"inner-a": ("a", "b"), "inner-b": ("b", "a")}.items(
 PY
   for h in a b; do
     for e in $FT_CHOICES; do
-      local run="runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$e$(replay_tag)"
+      local run; run=$(select_dir "$h" "$e")
       $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split "inner-$h")" --all-folds \
         --init-from "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --preset "$SELECT_ROW" --flip horizontal \
         --image-size "$SIZE" --epochs "$e" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
-        --workers 2 --device cpu --out "$run" --resume --quiet > "$run.log" 2>&1
+        $(ft_flags) --workers 2 --device cpu --out "$run" --resume --quiet > "$run.log" 2>&1
     done
   done
-  $PY - "$BORDER" "$PRE_EPOCHS" "$SELECT_ROW" "$(replay_tag)" $FT_CHOICES <<'PY'
+  $PY - "$BORDER" "$PRE_EPOCHS" "$SELECT_ROW" "$(ft_tag)" $FT_CHOICES <<'PY'
 import json, sys
 from pathlib import Path
 border, pre, row, tag, choices = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
@@ -185,52 +200,33 @@ PY
 }
 
 stage_flip() {
-  # One process scores every checkpoint (82 LOPO folds: a model load and a dozen faces each).
   local runs=("runs/aaf-$BORDER-pretrain-e$PRE_EPOCHS")
-  for h in a b; do runs+=("runs/fgnet-$BORDER-select-$h-$SELECT_ROW-e$PRE_EPOCHS-ft$FT_EPOCHS$(replay_tag)"); done
+  for h in a b; do runs+=("$(select_dir "$h" "$FT_EPOCHS")"); done
   for row in $ROWS; do runs+=("$(lopo_dir "$row" "$FT_EPOCHS")"); done
-  $PY - "${runs[@]}" <<'PY'
-import contextlib, io, json, sys
-from pathlib import Path
-from agecl import evaluate
+  $PY benchmarks/rescore.py --suffix flip --eval "--tta flip" "${runs[@]}"
+}
 
-def score(checkpoint: Path, out: Path) -> None:
-    if (out / "results.json").is_file():  # a killed stage resumes: scored checkpoints are skipped
-        return
-    said = io.StringIO()  # agecl-eval's report, kept for a failure: a row is 82 of them
-    with contextlib.redirect_stdout(said):
-        rc = evaluate.main(["--checkpoint", str(checkpoint), "--tta", "flip", "--workers", "2", "--device", "cpu",
-                            "--out", str(out)])
-    if rc != 0:
-        sys.exit(f"{checkpoint}: agecl-eval --tta flip failed (exit {rc}):\n{said.getvalue()}")
-
-for run in map(Path, sys.argv[1:]):
-    flipped = Path(f"{run}-flip")
-    folds = sorted(run.glob("fold-*/results.json"))
-    if not folds and (run / "results.json").is_file():  # one run with a test fold (AAF val)
-        score(run / "checkpoint.pt", flipped)
-        before, after = (json.loads((d / "results.json").read_text())["test_mae"] for d in (run, flipped))
-    elif folds:
-        for r in folds:
-            score(r.parent / "checkpoint.pt", flipped / r.parent.name)
-        if not (run / "results.json").is_file():
-            print(f"{run}: not finished ({len(folds)} folds): scored what is there")
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):
-            evaluate.main(["--aggregate", str(flipped)])
-        before, after = (json.loads((d / "results.json").read_text())["pooled"]["mae"] for d in (run, flipped))
-    else:
-        print(f"{run}: not run")
-        continue
-    print(f"{run}: MAE {before:.2f}, with the mirror {after:.2f}")
-PY
+stage_wise() {
+  # WiSE-FT: every fine-tuned model moved back towards the AAF model it started from, weight by
+  # weight (agecl-eval --wise-ft W: W x fine-tuned + (1 - W) x AAF), each test face with its mirror.
+  # W is chosen on the select stage's halves (each half's choice on the other half's people); then
+  # the LOPO rows are scored with WISE, the choice (1: as fine-tuned, nothing to do). No training.
+  local w runs=()
+  for h in a b; do runs+=("$(select_dir "$h" "$FT_EPOCHS")"); done
+  for w in $WISE_CHOICES; do
+    $PY benchmarks/rescore.py --suffix "flip-wise$w" --eval "--tta flip --wise-ft $w" "${runs[@]}"
+  done
+  [ "$WISE" = 1 ] && return
+  runs=()
+  for row in $ROWS; do runs+=("$(lopo_dir "$row" "$FT_EPOCHS")"); done
+  $PY benchmarks/rescore.py --suffix "flip-wise$WISE" --eval "--tta flip --wise-ft $WISE" "${runs[@]}"
 }
 
 stage_table() {
-  $PY - "$BORDER" "$PRE_EPOCHS" "$FT_EPOCHS" "$(replay_tag)" $ROWS <<'PY'
+  $PY - "$BORDER" "$PRE_EPOCHS" "$FT_EPOCHS" "$(ft_tag)" "$WISE" $ROWS <<'PY'
 import json, sys
 from pathlib import Path
-border, epochs, ft, tag, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+border, epochs, ft, tag, wise, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
 z = Path(f"runs/aaf-{border}-all-e{epochs}/eval-fgnet-{border}-all/results.json")
 if z.is_file():
     r = json.loads(z.read_text())
@@ -240,7 +236,8 @@ for row in rows:
     if not f.is_file():
         print(f"{row:24s} not run")
         continue
-    for name, f in ((row, f), (row + " + mirror", f.parent.with_name(f.parent.name + "-flip") / f.name)):
+    for name, f in ((row, f), (row + " + mirror", f.parent.with_name(f.parent.name + "-flip") / f.name),
+                    (row + f" + mirror, wise-ft {wise}", f.parent.with_name(f.parent.name + f"-flip-wise{wise}") / f.name)):
         if f.is_file():
             r = json.loads(f.read_text())
             p = r["pooled"]
@@ -249,7 +246,7 @@ for row in rows:
 PY
 }
 
-[ $# -gt 0 ] || { sed -n '2,20p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,/^set /p' "$0" | sed '$d'; exit 2; }
 for stage in "$@"; do
   "stage_$stage"
 done

@@ -4,7 +4,8 @@ line with loader efficiency (real / ceiling), compile speedup and bf16 speedup.
 
     python benchmarks/bench_train.py [--shards DIR] [--device auto|cpu|cuda] [--image-size 224]
         [--crop 224] [--batch-size 64] [--steps 10] [--windows 5] [--warmup 5]
-        [--variants eager-fp32-synthetic,compiled-bf16-dali,...] [--cpu-bf16] [--loader dali] [--out FILE]
+        [--variants eager-fp32-synthetic,compiled-bf16-dali,...] [--cpu-bf16] [--loader dali] [--freeze layer3]
+        [--out FILE]
 
 A variant is MODE-PRECISION-DATA: MODE eager | compiled (torch.compile of model and loss, as
 agecl-train does), PRECISION fp32 | bf16 (autocast), DATA synthetic (fixed tensors on the device:
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 from agecl.config import LoaderConfig, LossConfig  # noqa: E402
 from agecl.loader import build_train_loader  # noqa: E402
 from agecl.losses import age_loss  # noqa: E402
-from agecl.model import AgeModel  # noqa: E402
+from agecl.model import STAGES, AgeModel  # noqa: E402
 from agecl.reader import ShardSet  # noqa: E402
 from agecl.train import compile_step, make_optimizer, train_step  # noqa: E402
 
@@ -101,11 +102,11 @@ class Variant:
             self.data = args.loader
         self.device, self.b, self.s = device, args.batch_size, args.image_size
         torch.manual_seed(0)
-        raw = AgeModel(0, 79, input_size=self.s).to(device, memory_format=torch.channels_last)  # resizes larger inputs to S
+        raw = AgeModel(0, 79, input_size=self.s, freeze=args.freeze).to(device, memory_format=torch.channels_last)  # resizes larger inputs to S
         compiled = self.mode == "compiled"
         self.model, self.loss_fn = compile_step(raw) if compiled else (raw, age_loss)
         fed = args.crop if args.model_resize else self.s  # the side of the images the model is fed
-        self.optimizer = make_optimizer(raw.parameters(), 1e-3, 0.0, device)
+        self.optimizer = make_optimizer([p for p in raw.parameters() if p.requires_grad], 1e-3, 0.0, device)
         self.ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         self.weights = LossConfig()
         if self.data == "synthetic":
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=5, help="timed windows a variant (the median is reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps a variant first (compile, DALI build)")
     p.add_argument("--variants", help="comma-separated MODE-PRECISION-DATA list (default: see the docstring)")
+    p.add_argument("--freeze", default="", choices=("", *STAGES), help="the backbone held fixed up to this stage, as "
+                   "agecl-train --freeze (fine-tuning; default: every weight trained)")
     p.add_argument("--cpu-bf16", action="store_true", help="also measure bf16 on a CPU")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
@@ -198,6 +201,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "crop": args.crop,
+        "freeze": args.freeze,
         "model_resize": args.model_resize,
         "workers": args.workers,
         "steps": args.steps,

@@ -455,6 +455,55 @@ def test_cli_checkpoint_end_to_end(tmp_path, capsys):
     assert "each with its mirror" in capsys.readouterr().out
 
 
+def test_cli_wise_ft_tests_the_blend_with_the_recorded_source(tmp_path, capsys):
+    """--wise-ft W: the fine-tuned weights moved towards the source's; W=0 scores the source itself
+    (on the fine-tuned run's head range), W=1 the model as it is; no recorded source: exit 2."""
+    from agecl.checkpoint import save_checkpoint
+    from agecl.config import TrainConfig, apply_overrides
+    from agecl.finetune import describe, load_source
+    from agecl.model import AgeModel
+
+    shards = tmp_path / "shards"
+    _tiny_shards(shards)
+    cfg = apply_overrides(
+        TrainConfig(),
+        [f"data.shards={shards}", "data.fold=1", "loader.loader=torch", "loader.workers=0", "loader.image_size=32"],
+    )
+    template = {"size": 256, "coverage": 1.4}
+    torch.manual_seed(0)
+    source = tmp_path / "source" / "checkpoint.pt"
+    save_checkpoint(source, config=cfg, model=AgeModel(18, 45), min_age=18, max_age=45, template=template, epoch=3, step=9)
+    cfg.model.init_from = str(source)
+    cfg.model.init_source = describe(load_source(str(source), "resnet18"))
+    torch.manual_seed(1)
+    tuned = tmp_path / "tuned" / "checkpoint.pt"
+    save_checkpoint(tuned, config=cfg, model=AgeModel(18, 45), min_age=18, max_age=45, template=template, epoch=1, step=2)
+
+    def expected(out: str, *flags: str) -> np.ndarray:
+        assert main(["--checkpoint", str(tuned), "--device", "cpu", "--out", str(tmp_path / out), *flags]) == 0
+        with np.load(tmp_path / out / "predictions.npz") as z:
+            return z["expected"][np.argsort(z["ids"])]
+
+    as_tuned, halfway, as_source = expected("w1"), expected("w05", "--wise-ft", "0.5"), expected("w0", "--wise-ft", "0")
+    assert "wise-ft 0: 0 x fine-tuned + 1 x source" in capsys.readouterr().out
+    assert main(["--checkpoint", str(source), "--device", "cpu", "--out", str(tmp_path / "src")]) == 0
+    with np.load(tmp_path / "src" / "predictions.npz") as z:
+        np.testing.assert_allclose(as_source, z["expected"][np.argsort(z["ids"])], rtol=1e-5)
+    assert not np.allclose(halfway, as_tuned) and not np.allclose(halfway, as_source)
+    assert json.loads((tmp_path / "w05" / "results.json").read_text())["wise_ft"] == 0.5
+    assert json.loads((tmp_path / "w1" / "results.json").read_text())["wise_ft"] == 1.0
+    capsys.readouterr()
+    # A model trained from scratch has no source to blend with.
+    assert main(["--checkpoint", str(source), "--device", "cpu", "--wise-ft", "0.5", "--out", str(tmp_path / "y")]) == 2
+    assert "not fine-tuned from another agecl run" in capsys.readouterr().err
+    # The source has changed since: not the recorded file (sha256), exit 2 naming it.
+    torch.manual_seed(2)
+    save_checkpoint(source, config=cfg, model=AgeModel(18, 45), min_age=18, max_age=45, template=template, epoch=3, step=9)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tuned), "--device", "cpu", "--wise-ft", "0.5", "--out", str(tmp_path / "x")]) == 2
+    assert f"{source}: not the checkpoint the run started from" in capsys.readouterr().err
+
+
 def test_cli_all_tests_every_sample_of_another_set(tmp_path, capsys):
     """--all: a model of one shard set tested on every sample of another (zero-shot), with ages
     outside the model's head (its expected age still counts against the true one)."""

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from agecl.checkpoint import CheckpointError, save_checkpoint
-from agecl.config import TrainConfig
-from agecl.finetune import describe, init_model, load_source, resolve_path
+from agecl.config import TrainConfig, to_dict
+from agecl.finetune import blend_with_source, describe, init_model, load_source, recorded_source, resolve_path
 from agecl.model import AgeModel
 
 TEMPLATE = {"size": 256, "coverage": 1.4, "border": "constant"}
@@ -71,3 +71,42 @@ def test_foreign_files_other_architectures_and_fold_folders_are_refused(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty: a folder without checkpoint.pt"):
         resolve_path(str(tmp_path / "empty"))
+
+
+def test_wise_ft_blends_every_weight_towards_the_recorded_source(tmp_path):
+    src = _source(tmp_path / "source.pt")  # ages 10..20
+    source = load_source(str(tmp_path / "source.pt"), "resnet18")
+    torch.manual_seed(5)
+    tuned = AgeModel(5, 15)  # "fine-tuned": other weights everywhere, BN statistics included
+    with torch.no_grad():
+        for buf in tuned.buffers():
+            if buf.is_floating_point():
+                buf.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in tuned.state_dict().items()}
+    assert "wise-ft 0.25" in blend_with_source(tuned, source, 0.25)
+    after, origin = tuned.state_dict(), src.state_dict()
+    for key, value in after.items():
+        if key.startswith("backbone.") and value.is_floating_point():
+            want = 0.25 * before[key] + 0.75 * origin[key]
+            torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6, msg=key)
+        elif not value.is_floating_point():  # num_batches_tracked: the fine-tuned run's count
+            assert torch.equal(value, before[key]), key
+    for age in range(5, 16):  # the head by age: 10..15 blended, 5..9 (new to the source) as fine-tuned
+        j = age - 5
+        for part in ("weight", "bias"):
+            tuned_row, got = before[f"head.{part}"][j], after[f"head.{part}"][j]
+            want = 0.25 * tuned_row + 0.75 * origin[f"head.{part}"][age - 10] if age >= 10 else tuned_row
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{part} {age}")
+
+    with pytest.raises(ValueError, match="wise-ft weight 1.5"):
+        blend_with_source(tuned, source, 1.5)
+
+    # The source is the one the run recorded, checked by sha256; none recorded is an error.
+    cfg = TrainConfig()
+    cfg.model.init_source = describe(source)
+    assert recorded_source(to_dict(cfg), "resnet18")["sha256"] == source["sha256"]
+    _source(tmp_path / "other.pt", min_age=11)
+    with pytest.raises(CheckpointError, match=r"other.pt: not the checkpoint the run started from"):
+        recorded_source(to_dict(cfg), "resnet18", str(tmp_path / "other.pt"))
+    with pytest.raises(CheckpointError, match="not fine-tuned from another agecl run"):
+        recorded_source(to_dict(TrainConfig()), "resnet18")

@@ -90,6 +90,31 @@ def test_bad_construction():
         AgeModel(30, 20)
 
 
+def test_freeze_holds_the_stages_up_to_it_and_stops_the_backward_there():
+    torch.manual_seed(0)
+    m = AgeModel(0, 9, freeze="layer2").train()
+    frozen = [m.backbone.conv1, m.backbone.bn1, m.backbone.layer1, m.backbone.layer2]
+    assert m.frozen_modules() == frozen
+    assert all(not p.requires_grad for f in frozen for p in f.parameters())
+    assert all(p.requires_grad for name, p in m.named_parameters() if name.startswith(("backbone.layer3", "backbone.layer4", "head")))
+    # train() keeps the frozen stages' BatchNorm in eval mode (their statistics are the source's).
+    assert not any(mod.training for f in frozen for mod in f.modules())
+    assert m.backbone.layer3.training and m.head.training
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    f, logits = m(x)
+    (f.sum() + logits.sum()).backward()
+    assert all(p.grad is None for f in frozen for p in f.parameters())  # nothing computed for them
+    assert all(p.grad is not None for p in m.backbone.layer3.parameters())
+    after = m.state_dict()
+    for key in before:
+        if key.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2")):
+            assert torch.equal(before[key], after[key]), key  # running statistics too
+    assert not torch.equal(before["backbone.layer3.0.bn1.running_mean"], after["backbone.layer3.0.bn1.running_mean"])
+    with pytest.raises(ValueError, match="freeze 'layer5'"):
+        AgeModel(0, 9, freeze="layer5")
+
+
 def test_build_model_from_config():
     cfg = TrainConfig()
     m = build_model(cfg, 0, 69)  # FG-NET's range

@@ -458,6 +458,33 @@ def test_a_resumed_fine_tuning_run_does_not_init_again(shards, straight, tmp_pat
     assert json.loads((out / CONFIG_FILE).read_text())["model"]["init_source"] == record
 
 
+def test_freeze_keeps_the_sources_stages_and_trains_the_rest(shards, straight, tmp_path, capsys):
+    src = straight[0] / CHECKPOINT_FILE
+    source = load_checkpoint(src)["model"]
+    out = tmp_path / "tuned"
+    assert main(_cli(shards, out, epochs=1) + ["--init-from", str(src), "--freeze", "layer3"]) == 0
+    got = load_checkpoint(out / CHECKPOINT_FILE)
+    assert got["config"]["model"]["freeze"] == "layer3"
+    for name, value in got["model"].items():
+        held = name.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2", "backbone.layer3"))
+        if held:
+            assert torch.equal(value, source[name]), name  # weights and BatchNorm statistics, counts too
+        elif name.startswith("backbone.layer4") and name.endswith(("weight", "running_mean")):
+            assert not torch.equal(value, source[name]), name
+    # Adam holds state for the trained parameters only (layer4 and the head).
+    trained = sum(1 for name in got["model"] if name.startswith(("backbone.layer4", "head")) and
+                  not name.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert len(got["optimizer"]["state"]) == trained
+    # A resumed run keeps its freeze; another one is another configuration.
+    assert main(_cli(shards, out, epochs=2) + ["--init-from", str(src), "--freeze", "layer3", "--resume"]) == 0
+    capsys.readouterr()
+    assert main(_cli(shards, out, epochs=3) + ["--init-from", str(src), "--freeze", "layer2", "--resume"]) == 2
+    assert "model.freeze: checkpoint 'layer3', now 'layer2'" in capsys.readouterr().err
+    # Frozen stages of a random backbone would learn nothing.
+    assert main(_cli(shards, tmp_path / "scratch", epochs=1) + ["--freeze", "layer1"]) == 2
+    assert "a frozen stage of a randomly initialised backbone learns nothing" in capsys.readouterr().err
+
+
 def test_init_from_with_all_folds_and_jobs(shards, straight, tmp_path):
     src = straight[0] / CHECKPOINT_FILE
     out = tmp_path / "folds"
