@@ -31,6 +31,8 @@
 # FREEZE=<stage> fine-tunes with the backbone held fixed from the stem up to that stage (agecl-train
 # --freeze; select and lopo, folders ending in -freeze-<stage>): cheaper steps (the backward pass
 # stops there), and the AAF model's early features kept.
+# FT_SUPERVISE=triplet fine-tunes with cross-entropy and mean-variance on every image of a triplet
+# (--set loss.supervise=triplet, as the pretraining does; folders end in -supervise-triplet).
 # Every choice is fixed here, before any FG-NET test fold is seen: the pretraining recipe (64 px,
 # $PRE_EPOCHS epochs, cosine, horizontal flips, the ternary loss with every image of a triplet
 # supervised) and the fine-tuning one ($FT_EPOCHS epochs, Adam lr $FT_LR, cosine, batch
@@ -58,6 +60,7 @@ FT_CHOICES=${FT_CHOICES:-"1 2 4 8 16"}  # the select stage's candidates for FT_E
 SELECT_ROW=${SELECT_ROW:-paper-fgnet-ternary}
 WISE=${WISE:-1}  # the wise stage's weight of the fine-tuned model (1: as fine-tuned)
 WISE_CHOICES=${WISE_CHOICES:-"0.5 0.6 0.7 0.8 0.9"}  # its candidates, scored on the select halves
+FT_SUPERVISE=${FT_SUPERVISE:-anchor}  # fine-tuning: the images the age terms supervise (anchor, the presets'; triplet)
 FREEZE=${FREEZE:-}  # fine-tuning: the backbone held fixed up to this stage (agecl-train --freeze; "": none)
 REPLAY=${REPLAY:-0}  # AAF faces replayed while fine-tuning, per FG-NET training face (0: none)
 AAF=${AAF:-../shared/data/aaf/images}
@@ -104,9 +107,10 @@ stage_zeroshot() {
 fg_set() { if [ "$REPLAY" = 0 ]; then echo "shards/fgnet-$BORDER"; else echo "shards/fgnet+aaf-$BORDER"; fi; }
 fg_split() { if [ "$REPLAY" = 0 ]; then echo "$1"; else echo "$1-replay$REPLAY"; fi; }
 replay_tag() { [ "$REPLAY" = 0 ] || echo "-replay$REPLAY"; }
-# The fine-tuning's settings beyond its epochs, as a folder suffix: AAF replayed, the stages held fixed.
-ft_tag() { printf "%s%s" "$(replay_tag)" "${FREEZE:+-freeze-$FREEZE}"; }
-ft_flags() { [ -z "$FREEZE" ] || echo "--freeze $FREEZE"; }
+# The fine-tuning's settings beyond its epochs, as a folder suffix: AAF replayed, the stages held
+# fixed, the images supervised.
+ft_tag() { printf "%s%s%s" "$(replay_tag)" "${FREEZE:+-freeze-$FREEZE}" "$([ "$FT_SUPERVISE" = anchor ] || echo "-supervise-$FT_SUPERVISE")"; }
+ft_flags() { echo "${FREEZE:+--freeze $FREEZE} --set loss.supervise=$FT_SUPERVISE"; }
 
 # A LOPO row's folder: the row, the pretraining's epochs, the fine-tuning's when not 1, ft_tag.
 lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-e$PRE_EPOCHS$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }
