@@ -106,7 +106,7 @@ class Variant:
         compiled = self.mode == "compiled"
         self.model, self.loss_fn = compile_step(raw) if compiled else (raw, age_loss)
         fed = args.crop if args.model_resize else self.s  # the side of the images the model is fed
-        self.optimizer = make_optimizer([p for p in raw.parameters() if p.requires_grad], 1e-3, 0.0, device)
+        self.optimizer = make_optimizer(raw.parameters(), 1e-3, 0.0, device)
         self.ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         self.weights = LossConfig()
         if self.data == "synthetic":
