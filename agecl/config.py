@@ -42,6 +42,10 @@ class LoaderConfig:
     translate: float = 0.02  # random affine: shift range, fraction of the side
     scale: float = 0.05  # random affine: zoom range, 1 +- scale
     interpolation: str = "linear"  # random affine resampling: "linear" | "nearest"
+    # Probability that a training image is shown in greyscale (its luma, ITU-R BT.601, in all three
+    # channels). FG-NET has scanned greyscale photos (about a fifth) that AAF, all colour, never
+    # shows a model. 0: never (the paper's).
+    grey: float = 0.0
     workers: int = 2  # DALI CPU threads / DataLoader worker processes
     # MiB the training loader may spend holding every training face decoded and already shrunk to
     # the network input's scale (DALI's CPU backend, output smaller than the crop): the batches

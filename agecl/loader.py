@@ -29,6 +29,7 @@ identities are gathered on the device from device-resident copies of the index's
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -43,6 +44,8 @@ from .config import LoaderConfig
 from .model import IMAGENET_MEAN, IMAGENET_STD  # the network's input contract
 from .reader import ShardSet
 from .sampler import TripletSampler, rank_slice
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B: greyscale as torchvision makes it
 
 LOADERS = ("dali", "torch")
 FLIPS = ("horizontal", "vertical", "none")
@@ -141,6 +144,8 @@ def _check_config(cfg: LoaderConfig, shards: ShardSet) -> None:
         raise ValueError(f"output_size must be in [0, image_size = {cfg.image_size}] (0: the crop itself), got {cfg.output_size}")
     if cfg.batch_size < 1 or cfg.workers < 0 or cfg.prefetch < 1:
         raise ValueError(f"need batch_size >= 1, workers >= 0, prefetch >= 1; got {cfg}")
+    if not 0 <= cfg.grey <= 1:
+        raise ValueError(f"grey (the probability of a greyscale training image) must be in [0, 1], got {cfg.grey}")
 
 
 def _device(device) -> torch.device:
@@ -233,7 +238,18 @@ class _TrainLoader:
     def epoch(self, epoch: int) -> Iterator[TripletBatch]:
         """Draw epoch `epoch`'s triplets (now: `fallback_count` is set) and return its batches."""
         outputs = self._runner.epoch(epoch, self._epochs.batches(epoch))
+        if self.cfg.grey > 0:
+            outputs = self._greyed(outputs, epoch)
         return (self._triplet_batch(images, ids) for images, ids in outputs)
+
+    def _greyed(self, outputs, epoch: int):
+        """The runner's batches with each image shown in greyscale with probability cfg.grey, the
+        draws a pure function of (seed, rank, epoch, step) like the warp's, applied on the device."""
+        for step, (images, ids) in enumerate(outputs):
+            mask = torch.from_numpy(grey_draws(images.shape[0], self.cfg.grey, (self.cfg.seed, self._epochs.rank, epoch, step)))
+            if images.is_cuda:  # pinned, so that the copy does not wait for the stream
+                mask = mask.pin_memory().to(images.device, non_blocking=True)
+            yield to_grey(images, mask), ids
 
     def __len__(self) -> int:
         return self._epochs.steps
@@ -313,6 +329,30 @@ def augmentation_matrices(n: int, cfg: LoaderConfig, side: int, key: Sequence[in
     c = np.full(2, side / 2)
     m[:, :, 2] = c + shift - origin - m[:, :, :2] @ c
     return m.astype(np.float32)
+
+
+GREY_STREAM = 1  # appended to a batch's key: the greyscale draws, apart from the warp's
+
+
+def grey_draws(n: int, p: float, key: Sequence[int]) -> np.ndarray:
+    """(n,) bool: the images of a batch shown in greyscale, each with probability p; drawn from
+    `key` = (seed, rank, epoch, step), a stream apart from `augmentation_matrices`' under that key."""
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in (*key, GREY_STREAM)]).random(n) < p
+
+
+@functools.lru_cache(maxsize=None)
+def _grey_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, luma weights), each (1, 3, 1, 1) float32 on `device`: made once, not a step."""
+    rows = torch.tensor([IMAGENET_MEAN, IMAGENET_STD, LUMA], dtype=torch.float32).view(3, 1, 3, 1, 1).to(device)
+    return rows[0], rows[1], rows[2]
+
+
+def to_grey(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """images (n, 3, S, S) ImageNet-normalised, mask (n,) bool on their device: the masked images
+    replaced by their luma in all three channels, normalised again; elementwise on the device."""
+    mean, std, luma = _grey_constants(images.device)
+    y = (luma * (images * std + mean)).sum(1, keepdim=True)  # (n, 1, S, S), 0-1
+    return torch.where(mask.view(-1, 1, 1, 1), (y - mean) / std, images)
 
 
 def output_size(cfg: LoaderConfig) -> int:

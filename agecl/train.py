@@ -121,6 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", choices=STAGES, help="fine-tuning: hold the backbone fixed from the stem up to this "
                    "stage (weights and BatchNorm statistics); the backward pass stops there, so a step costs less")
     p.add_argument("--flip", choices=("horizontal", "vertical", "none"), help="random flip (the paper's text says vertical)")
+    p.add_argument("--grey", type=float, metavar="P", help="probability that a training image is shown in greyscale "
+                   "(default 0, the paper's; FG-NET has scanned greyscale photos that colour-only sets never show)")
     p.add_argument("--tta", choices=ev.TTA_MODES, help="the test fold's evaluation-time augmentation: flip averages the "
                    "age distributions of each face and its mirror (default none)")
     p.add_argument("--min-age", type=int, help="lowest age class (default: the shard set's)")
@@ -184,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "loader.loader": args.loader,
         "loader.workers": args.workers,
         "loader.flip": args.flip,
+        "loader.grey": args.grey,
         "device": args.device,
         "compile": args.compile,
         "precision": args.precision,

@@ -23,6 +23,7 @@ from agecl.loader import (
     _TrainEpochs,
     build_eval_loader,
     build_train_loader,
+    grey_draws,
 )
 from agecl.reader import ShardSet
 from agecl.shards import Sample, write_manifest, write_samples, write_split
@@ -287,9 +288,34 @@ def test_undecodable_jpeg_is_named_when_the_faces_are_held_decoded(tmp_path):
         build_train_loader(ShardSet(tmp_path), np.arange(12), _cfg("dali", image_size=224, output_size=64))
 
 
+@pytest.mark.parametrize("loader", LOADERS)
+def test_grey_shows_the_drawn_images_as_their_luma_and_leaves_the_rest(shards, loader):
+    ids = shards.split_ids("kfold", 0)
+    colour, half, every = (list(build_train_loader(shards, ids, _cfg(loader, grey=p)).epoch(0)) for p in (0.0, 0.5, 1.0))
+    mean, std = torch.from_numpy(MEAN), torch.from_numpy(STD)
+    drawn = []
+    for step, (c, h, e) in enumerate(zip(colour, half, every)):
+        assert (h.ids == c.ids).all() and (e.ids == c.ids).all()  # the same triplets and warps
+        rgb = c.images * std + mean  # (n, 3, S, S), 0-1
+        luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+        grey = e.images * std + mean
+        for ch in range(3):  # every image grey: its colour twin's luma in each channel
+            torch.testing.assert_close(grey[:, ch], luma, atol=1e-5, rtol=0)
+        assert (rgb[:, 0] - rgb[:, 2]).abs().amax() > 0.05  # (the faces themselves have colour)
+        kept = (h.images == c.images).flatten(1).all(1)
+        greyed = (h.images == e.images).flatten(1).all(1)
+        assert (kept ^ greyed).all()  # each image either as it was or its greyscale twin
+        expected = torch.from_numpy(grey_draws(len(greyed), 0.5, (3, 0, 0, step)))  # seed 3, rank 0, epoch 0
+        assert (greyed == expected).all()
+        drawn.append(greyed)
+    assert 0.3 < torch.cat(drawn).float().mean() < 0.7  # p = 0.5 over about 120 images
+
+
 def test_bad_config_is_refused(shards):
     with pytest.raises(ValueError, match="flip"):
         build_train_loader(shards, np.arange(10), _cfg("torch", flip="diagonal"))
+    with pytest.raises(ValueError, match="grey"):
+        build_train_loader(shards, np.arange(10), _cfg("torch", grey=1.5))
     with pytest.raises(ValueError, match="loader"):
         build_eval_loader(shards, np.arange(10), _cfg("ffcv"))
     with pytest.raises(ValueError, match="image_size"):
