@@ -19,7 +19,8 @@
 #               that add REPLAY x (a fold's FG-NET training faces) random AAF faces to every
 #               training part (<split>-replay<REPLAY>); with REPLAY set, select and lopo fine-tune
 #               on those (their folders end in -replay<REPLAY>): AAF's adults stay in view while
-#               FG-NET's young faces are learnt
+#               FG-NET's young faces are learnt; REPLAY_FROM=<age> replays only AAF faces of that
+#               age and over (-replay<REPLAY>-from<age>)
 #   flip        every finished model above scored again with each test face's mirror averaged in
 #               (--tta flip) into <run>-flip: AAF val and the select stage's halves (where the
 #               choice is made), then the LOPO rows; the fine-tuning is not repeated
@@ -69,6 +70,7 @@ FT_GREY=${FT_GREY:-0}  # fine-tuning: the probability of a greyscale training im
 FT_SEED=${FT_SEED:-0}  # fine-tuning: the seed of the head's fresh rows, the triplets and the augmentation
 FREEZE=${FREEZE:-}  # fine-tuning: the backbone held fixed up to this stage (agecl-train --freeze; "": none)
 REPLAY=${REPLAY:-0}  # AAF faces replayed while fine-tuning, per FG-NET training face (0: none)
+REPLAY_FROM=${REPLAY_FROM:-0}  # the youngest age among the AAF faces replayed (0: any age)
 AAF=${AAF:-../shared/data/aaf/images}
 FGNET=${FGNET:-../shared/data/fgnet/images}
 
@@ -111,8 +113,9 @@ stage_zeroshot() {
 
 # The fine-tuning's shard set and split name: FG-NET's own, or the combined set's with AAF replayed.
 fg_set() { if [ "$REPLAY" = 0 ]; then echo "shards/fgnet-$BORDER"; else echo "shards/fgnet+aaf-$BORDER"; fi; }
-fg_split() { if [ "$REPLAY" = 0 ]; then echo "$1"; else echo "$1-replay$REPLAY"; fi; }
-replay_tag() { [ "$REPLAY" = 0 ] || echo "-replay$REPLAY"; }
+replay_name() { echo "replay$REPLAY$([ "$REPLAY_FROM" = 0 ] || echo "-from$REPLAY_FROM")"; }
+fg_split() { if [ "$REPLAY" = 0 ]; then echo "$1"; else echo "$1-$(replay_name)"; fi; }
+replay_tag() { [ "$REPLAY" = 0 ] || echo "-$(replay_name)"; }
 # The fine-tuning's settings beyond its epochs, as a folder suffix: AAF replayed, the stages held
 # fixed, the images supervised, the seed.
 ft_tag() {
@@ -188,15 +191,17 @@ PY
 stage_replay() {
   [ -f "shards/fgnet+aaf-$BORDER/manifest.json" ] ||
     $PY tools/make_shards.py --combine "shards/fgnet-$BORDER" "shards/aaf-$BORDER" --out "shards/fgnet+aaf-$BORDER" --quiet
-  $PY - "shards/fgnet+aaf-$BORDER" "fgnet-$BORDER" "aaf-$BORDER" "$REPLAY" <<'PY'
+  $PY - "shards/fgnet+aaf-$BORDER" "fgnet-$BORDER" "aaf-$BORDER" "$REPLAY" "$REPLAY_FROM" "$(replay_name)" <<'PY'
 import sys
 import numpy as np
 from agecl import format as fmt
 from agecl.reader import ShardSet
 from agecl.shards import write_split
-root, fgnet, aaf, ratio = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+root, fgnet, aaf, suffix = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[6]
+ratio, youngest = float(sys.argv[4]), int(sys.argv[5])
 s = ShardSet(root)
-aaf_rows = np.flatnonzero([s.identity_names[i].startswith(aaf + "/") for i in s.identities])
+from_aaf = np.array([s.identity_names[i].startswith(aaf + "/") for i in s.identities])
+aaf_rows = np.flatnonzero(from_aaf & (s.ages >= youngest))
 for split in ("lopo", "inner-a", "inner-b"):
     folds = s.split(f"{fgnet}-{split}").copy()
     k = int(folds.max()) + 1
@@ -204,10 +209,10 @@ for split in ("lopo", "inner-a", "inner-b"):
     n = int(round(ratio * per_fold))
     # The same random AAF faces in every fold's training part (seed 0), never tested.
     folds[np.random.default_rng(0).choice(aaf_rows, n, replace=False)] = fmt.EVERY_TRAIN_PART
-    name = f"{split}-replay{sys.argv[4]}"
+    name = f"{split}-{suffix}"
     write_split(root, name, folds, {"protocol": name, "seed": 0, "from": f"{fgnet}-{split}", "replayed": n,
-                "rule": f"{fgnet}'s {split} folds; {n} random {aaf} faces ({ratio:g} x the {per_fold:.0f} "
-                        "FG-NET training faces of a fold) in every training part"})
+                "rule": f"{fgnet}'s {split} folds; {n} random {aaf} faces aged {youngest} or more ({ratio:g} x "
+                        f"the {per_fold:.0f} FG-NET training faces of a fold) in every training part"})
     print(f"{root}: split {name}: {k} folds, {n} {aaf} faces in every training part")
 PY
 }
