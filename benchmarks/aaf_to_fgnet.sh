@@ -34,6 +34,7 @@
 # stops there), and the AAF model's early features kept.
 # FT_SUPERVISE=triplet fine-tunes with cross-entropy and mean-variance on every image of a triplet
 # (--set loss.supervise=triplet, as the pretraining does; folders end in -supervise-triplet).
+# FT_LR=<lr> fine-tunes with another learning rate than 2e-4 (folders end in -lr<lr>).
 # FT_GREY=<p> fine-tunes with each training image shown in greyscale with probability p (agecl-train
 # --grey; folders end in -grey<p>): about a fifth of FG-NET's photos are greyscale scans.
 # FT_SEED=<n> fine-tunes with another seed (folders end in -seed<n>): how far two seeds of one
@@ -119,8 +120,8 @@ replay_tag() { [ "$REPLAY" = 0 ] || echo "-$(replay_name)"; }
 # The fine-tuning's settings beyond its epochs, as a folder suffix: AAF replayed, the stages held
 # fixed, the images supervised, the seed.
 ft_tag() {
-  printf "%s%s%s%s%s" "$(replay_tag)" "${FREEZE:+-freeze-$FREEZE}" "$([ "$FT_SUPERVISE" = anchor ] || echo "-supervise-$FT_SUPERVISE")" \
-    "$([ "$FT_GREY" = 0 ] || echo "-grey$FT_GREY")" "$([ "$FT_SEED" = 0 ] || echo "-seed$FT_SEED")"
+  printf "%s%s%s%s%s%s" "$(replay_tag)" "${FREEZE:+-freeze-$FREEZE}" "$([ "$FT_SUPERVISE" = anchor ] || echo "-supervise-$FT_SUPERVISE")" \
+    "$([ "$FT_GREY" = 0 ] || echo "-grey$FT_GREY")" "$([ "$FT_LR" = 2e-4 ] || echo "-lr$FT_LR")" "$([ "$FT_SEED" = 0 ] || echo "-seed$FT_SEED")"
 }
 ft_flags() { echo "${FREEZE:+--freeze $FREEZE} --set loss.supervise=$FT_SUPERVISE --grey $FT_GREY --seed $FT_SEED"; }
 
