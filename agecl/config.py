@@ -91,6 +91,11 @@ class LossConfig:
     # Which images the age terms (ce, mean, variance) supervise: "anchor" (the paper's) or
     # "triplet" (anchors, positives and negatives: their forward passes are paid for anyway).
     supervise: str = "anchor"
+    # Age balance of the age terms: each supervised image weighted by (n_a / n)^-balance, n_a the
+    # training images of its age and n their mean over the ages present (the weights average 1 over
+    # the training set). A small set of mostly children (FG-NET) otherwise teaches its few adults
+    # to be young. 0: every image alike (the paper's); 1: every age alike.
+    balance: float = 0.0
 
 
 @dataclass

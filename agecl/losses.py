@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,24 +62,30 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
-def mean_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _mean(per_image: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean over images, each weighted by `weight` (B,) when given (see LossConfig.balance)."""
+    return per_image.mean() if weight is None else (per_image * weight).mean()
+
+
+def mean_loss(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """L_m (Eq. 7, Pan et al.'s mean loss): mean_i 1/2 (m_i - y_i)^2 with m_i = sum_j j s_ij.
 
     The paper prints `sum_j j s_j - y` unsquared; Pan et al. square it (and halve it). probs (B, A)
     float32, target (B,) class indices; the loss is in squared years (class steps are years).
+    weight: (B,) per-image weights, or None.
     """
     m = _expected_index(probs)  # (B,)
-    return 0.5 * (m - target.to(m.dtype)).square().mean()
+    return _mean(0.5 * (m - target.to(m.dtype)).square(), weight)
 
 
-def variance_loss(probs: torch.Tensor) -> torch.Tensor:
+def variance_loss(probs: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """L_v (Eq. 7, Pan et al.'s variance loss): mean_i sum_j s_ij (j - m_i)^2, m_i = sum_j j s_ij.
 
-    The gradient flows through m as in Pan et al. probs (B, A) float32.
+    The gradient flows through m as in Pan et al. probs (B, A) float32; weight (B,) or None.
     """
     j = _class_index(probs)
     m = _expected_index(probs)  # (B,)
-    return (probs * (j[None, :] - m[:, None]).square()).sum(-1).mean()
+    return _mean((probs * (j[None, :] - m[:, None]).square()).sum(-1), weight)
 
 
 def cosine_loss(f_a: torch.Tensor, f_p: torch.Tensor) -> torch.Tensor:
@@ -116,8 +123,28 @@ def kl_loss(log_s_a: torch.Tensor, log_s_p: torch.Tensor) -> torch.Tensor:
     return (log_s_p.exp() * (log_s_p - log_s_a)).sum(-1).mean()
 
 
+def age_balance_weights(class_counts: np.ndarray, balance: float) -> np.ndarray:
+    """(A,) float32 weight of an image of each age class: (n_a / n)^-balance, where n_a is the
+    training images of class a and n their mean over the classes present, rescaled so that the
+    weights average 1 over the training images. Absent classes get 0 (no image has them).
+    balance 0: all 1; 1: each class present weighs alike in total."""
+    counts = np.asarray(class_counts, np.float64)
+    present = counts > 0
+    if not present.any():
+        raise ValueError("age_balance_weights: no training image")
+    w = np.zeros_like(counts)
+    w[present] = (counts[present] / counts[present].mean()) ** -float(balance)
+    w *= counts.sum() / (w * counts).sum()
+    return w.astype(np.float32)
+
+
 def age_loss(
-    features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, weights: LossConfig, batch: int
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: LossConfig,
+    batch: int,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every term of Eq. 7 (and Eq. 9) on a concatenated triplet batch, plus their weighted "total".
 
@@ -125,7 +152,9 @@ def age_loss(
     negatives, in that order. targets: (3B,) or (B,) int64 class indices (age - min_age). The age
     terms (ce, mean, variance) supervise the anchors alone, as the paper does, or with
     `weights.supervise == "triplet"` all 3B images (then targets must be (3B,)). `weights` is a
-    LossConfig (ce, mean, variance, cosine, triplet, kl, margin, supervise).
+    LossConfig (ce, mean, variance, cosine, triplet, kl, margin, supervise). class_weights: (A,)
+    float32 on the logits' device, the weight of a supervised image of each class in the age
+    terms (`age_balance_weights`; LossConfig.balance), or None: every image alike.
 
     Returns 0-d float32 tensors: the unweighted terms "ce", "mean", "variance", "cosine", "triplet",
     "kl"; "total" = sum of weight * term; and "mae", the anchors' mean |expected - true| age in
@@ -148,11 +177,17 @@ def age_loss(
     y = targets[:batch]  # (B,)
     y_sup = targets[:sup]  # (B,) or (3B,): the supervised rows' classes
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    w_sup = None if class_weights is None else class_weights[y_sup]  # (sup,) a gather on the device
 
     terms: dict[str, torch.Tensor] = {}
-    terms["ce"] = F.nll_loss(log_s[:sup], y_sup) if weights.ce else zero  # = cross_entropy(logits[:sup], y_sup)
-    terms["mean"] = mean_loss(s[:sup], y_sup) if weights.mean else zero
-    terms["variance"] = variance_loss(s[:sup]) if weights.variance else zero
+    if not weights.ce:
+        terms["ce"] = zero
+    elif w_sup is None:
+        terms["ce"] = F.nll_loss(log_s[:sup], y_sup)  # = cross_entropy(logits[:sup], y_sup)
+    else:
+        terms["ce"] = _mean(F.nll_loss(log_s[:sup], y_sup, reduction="none"), w_sup)
+    terms["mean"] = mean_loss(s[:sup], y_sup, w_sup) if weights.mean else zero
+    terms["variance"] = variance_loss(s[:sup], w_sup) if weights.variance else zero
     terms["cosine"] = cosine_loss(features[:batch], features[batch : 2 * batch]) if weights.cosine else zero
     terms["triplet"] = triplet_loss(s_a, s_p, s_n, weights.margin) if weights.triplet else zero
     terms["kl"] = kl_loss(log_s[:batch], log_s[batch : 2 * batch]) if weights.kl else zero
@@ -178,7 +213,7 @@ def age_loss(
 # term by KL(s_p || s_a) with the cosine's weight (the paper gives no separate weight for it).
 
 _MV = {"ce": 1.0, "mean": 0.2, "variance": 0.05, "cosine": 0.0, "triplet": 0.0, "kl": 0.0, "margin": DEFAULT_MARGIN,
-       "supervise": "anchor"}  # the paper supervises the anchor alone
+       "supervise": "anchor", "balance": 0.0}  # the paper supervises the anchor alone, every image alike
 _LC = {"fgnet": 1.0, "morph": 10.0}  # lambda_c per dataset
 
 PRESETS: dict[str, dict] = {"mv": dict(_MV), "mv-triplet": {**_MV, "triplet": 1.0}}

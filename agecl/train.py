@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -57,7 +58,7 @@ from agecl.checkpoint import (
 )
 from agecl.config import NO_TEST_FOLD, TrainConfig, apply_overrides, describe, from_dict, to_dict
 from agecl.loader import build_eval_loader, build_train_loader
-from agecl.losses import age_loss, apply_train_preset
+from agecl.losses import age_balance_weights, age_loss, apply_train_preset
 from agecl.model import STAGES, AgeModel, PretrainedError
 from agecl.reader import ShardSet
 
@@ -439,6 +440,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     if cfg.model.freeze and not (cfg.model.init_from or cfg.model.pretrained):
         raise TrainError(f"model.freeze {cfg.model.freeze}: a frozen stage of a randomly initialised backbone learns "
                          "nothing; fine-tune (--init-from, --pretrained) or leave it unset")
+    if cfg.loss.balance < 0:
+        raise TrainError(f"loss.balance {cfg.loss.balance}: the age balance's exponent must be >= 0 (0: every image alike)")
     use_compile = _compile(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
@@ -529,6 +532,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     # graph). Compile first, then wrap in DDP, as nanoGPT does: DDP around a compiled module lets
     # dynamo split the graph at gradient buckets so all-reduce overlaps the backward pass.
     model, loss_fn = compile_step(raw_model) if use_compile else (raw_model, age_loss)
+    if cfg.loss.balance:  # the age terms weighted by age, from the training images' ages
+        counts = np.bincount(np.clip(shards.ages[train_ids] - min_age, 0, max_age - min_age), minlength=max_age - min_age + 1)
+        class_weights = torch.from_numpy(age_balance_weights(counts, cfg.loss.balance)).to(device)  # (A,)
+        loss_fn = functools.partial(loss_fn, class_weights=class_weights)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None

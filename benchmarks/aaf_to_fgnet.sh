@@ -34,6 +34,8 @@
 # stops there), and the AAF model's early features kept.
 # FT_SUPERVISE=triplet fine-tunes with cross-entropy and mean-variance on every image of a triplet
 # (--set loss.supervise=triplet, as the pretraining does; folders end in -supervise-triplet).
+# FT_BALANCE=<b> fine-tunes with the age terms weighted by (images of that age / mean)^-b
+# (--set loss.balance=b; folders end in -balance<b>): FG-NET's few adults otherwise learn to be young.
 # FT_LR=<lr> fine-tunes with another learning rate than 2e-4 (folders end in -lr<lr>).
 # FT_GREY=<p> fine-tunes with each training image shown in greyscale with probability p (agecl-train
 # --grey; folders end in -grey<p>): about a fifth of FG-NET's photos are greyscale scans.
@@ -67,6 +69,7 @@ SELECT_ROW=${SELECT_ROW:-paper-fgnet-ternary}
 WISE=${WISE:-1}  # the wise stage's weight of the fine-tuned model (1: as fine-tuned)
 WISE_CHOICES=${WISE_CHOICES:-"0.5 0.6 0.7 0.8 0.9"}  # its candidates, scored on the select halves
 FT_SUPERVISE=${FT_SUPERVISE:-anchor}  # fine-tuning: the images the age terms supervise (anchor, the presets'; triplet)
+FT_BALANCE=${FT_BALANCE:-0}  # fine-tuning: the age balance's exponent (loss.balance; 0: every image alike)
 FT_GREY=${FT_GREY:-0}  # fine-tuning: the probability of a greyscale training image (agecl-train --grey)
 FT_SEED=${FT_SEED:-0}  # fine-tuning: the seed of the head's fresh rows, the triplets and the augmentation
 FREEZE=${FREEZE:-}  # fine-tuning: the backbone held fixed up to this stage (agecl-train --freeze; "": none)
@@ -120,10 +123,10 @@ replay_tag() { [ "$REPLAY" = 0 ] || echo "-$(replay_name)"; }
 # The fine-tuning's settings beyond its epochs, as a folder suffix: AAF replayed, the stages held
 # fixed, the images supervised, the seed.
 ft_tag() {
-  printf "%s%s%s%s%s%s" "$(replay_tag)" "${FREEZE:+-freeze-$FREEZE}" "$([ "$FT_SUPERVISE" = anchor ] || echo "-supervise-$FT_SUPERVISE")" \
-    "$([ "$FT_GREY" = 0 ] || echo "-grey$FT_GREY")" "$([ "$FT_LR" = 2e-4 ] || echo "-lr$FT_LR")" "$([ "$FT_SEED" = 0 ] || echo "-seed$FT_SEED")"
+  printf "%s%s%s%s%s%s%s" "$(replay_tag)" "${FREEZE:+-freeze-$FREEZE}" "$([ "$FT_SUPERVISE" = anchor ] || echo "-supervise-$FT_SUPERVISE")" \
+    "$([ "$FT_BALANCE" = 0 ] || echo "-balance$FT_BALANCE")" "$([ "$FT_GREY" = 0 ] || echo "-grey$FT_GREY")" "$([ "$FT_LR" = 2e-4 ] || echo "-lr$FT_LR")" "$([ "$FT_SEED" = 0 ] || echo "-seed$FT_SEED")"
 }
-ft_flags() { echo "${FREEZE:+--freeze $FREEZE} --set loss.supervise=$FT_SUPERVISE --grey $FT_GREY --seed $FT_SEED"; }
+ft_flags() { echo "${FREEZE:+--freeze $FREEZE} --set loss.supervise=$FT_SUPERVISE --set loss.balance=$FT_BALANCE --grey $FT_GREY --seed $FT_SEED"; }
 
 # A LOPO row's folder: the row, the pretraining's epochs, the fine-tuning's when not 1, ft_tag.
 lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-e$PRE_EPOCHS$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }

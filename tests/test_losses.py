@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from agecl.losses import (
     PRESET_LOADER,
     PRESETS,
     TERMS,
+    age_balance_weights,
     age_loss,
     apply_preset,
     apply_train_preset,
@@ -243,6 +245,41 @@ def test_supervising_the_triplet_needs_every_target_and_a_known_mode():
         age_loss(features, logits, targets[:B], dataclasses.replace(ALL_ON, supervise="triplet"), B)
     with pytest.raises(ValueError, match="supervise"):
         age_loss(features, logits, targets, dataclasses.replace(ALL_ON, supervise="all"), B)
+
+
+def test_age_balance_weights_follow_the_counts_and_average_one():
+    counts = np.array([8, 2, 0, 4, 2])  # images of each age class in a training set
+    np.testing.assert_allclose(age_balance_weights(counts, 0.0), [1, 1, 0, 1, 1])
+    w = age_balance_weights(counts, 1.0)  # every class present weighs alike in total
+    np.testing.assert_allclose(w * counts, [4, 4, 0, 4, 4], rtol=1e-6)
+    half = age_balance_weights(counts, 0.5)  # (n_a / mean)^-0.5, rescaled
+    raw = np.array([8, 2, 1, 4, 2]) ** -0.5 * np.array([1, 1, 0, 1, 1])
+    np.testing.assert_allclose(half, raw * 16 / (raw * counts).sum(), rtol=1e-6)
+    assert (w * counts).sum() == pytest.approx(counts.sum()) and (half * counts).sum() == pytest.approx(counts.sum())
+    with pytest.raises(ValueError, match="no training image"):
+        age_balance_weights(np.zeros(3), 0.5)
+
+
+def test_class_weights_weigh_each_supervised_image_of_the_age_terms_alone():
+    features, logits, targets = _batch()
+    weights = dataclasses.replace(ALL_ON, supervise="triplet")
+    plain = age_loss(features, logits, targets, weights, B)
+    ones = age_loss(features, logits, targets, weights, B, class_weights=torch.ones(A))
+    for name in plain:
+        assert ones[name].item() == pytest.approx(plain[name].item(), rel=1e-6), name
+    cw = torch.rand(A, generator=torch.Generator().manual_seed(5)) * 2
+    out = age_loss(features, logits, targets, weights, B, class_weights=cw)
+    w = cw[targets]  # (3B,): each image's weight, by its class
+    log_s = torch.log_softmax(logits, -1)
+    s = log_s.exp()
+    m = (s * torch.arange(A)).sum(-1)
+    ce = -(log_s.gather(1, targets[:, None])[:, 0] * w).mean()
+    mean = (0.5 * (m - targets) ** 2 * w).mean()
+    var = ((s * (torch.arange(A)[None] - m[:, None]) ** 2).sum(-1) * w).mean()
+    for name, want in (("ce", ce), ("mean", mean), ("variance", var)):
+        assert out[name].item() == pytest.approx(want.item(), rel=1e-5), name
+    for name in ("cosine", "triplet", "kl", "mae"):  # the contrastive terms and the logged MAE: untouched
+        assert out[name].item() == plain[name].item(), name
 
 
 def test_papers_presets_supervise_the_anchor():

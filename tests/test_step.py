@@ -11,6 +11,7 @@ gradients must equal the eager step's, and a second step must not recompile.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -63,8 +64,8 @@ def _step_inputs(batch=2, side=32, min_age=10, max_age=30):
     return images, targets
 
 
-@pytest.mark.parametrize("supervise", ["anchor", "triplet"])
-def test_compiled_step_equals_eager_and_does_not_recompile(supervise):
+@pytest.mark.parametrize("supervise,balanced", [("anchor", False), ("triplet", False), ("triplet", True)])
+def test_compiled_step_equals_eager_and_does_not_recompile(supervise, balanced):
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -72,6 +73,10 @@ def test_compiled_step_equals_eager_and_does_not_recompile(supervise):
     eager_model = AgeModel(10, 30, input_size=24).to(memory_format=torch.channels_last)  # resizes 32 -> 24 inside
     compiled_raw = copy.deepcopy(eager_model)
     model, loss_fn = compile_step(compiled_raw, backend="aot_eager")
+    eager_loss = age_loss
+    if balanced:  # as agecl.train passes loss.balance's class weights
+        cw = torch.linspace(0.5, 2.0, 21)  # (A,) for ages 10..30
+        loss_fn, eager_loss = functools.partial(loss_fn, class_weights=cw), functools.partial(age_loss, class_weights=cw)
     weights = LossConfig(**{**PRESETS["paper-fgnet-ternary"], "supervise": supervise})
     opt_e = torch.optim.Adam(eager_model.parameters(), lr=1e-3)
     opt_c = torch.optim.Adam(compiled_raw.parameters(), lr=1e-3)
@@ -82,7 +87,7 @@ def test_compiled_step_equals_eager_and_does_not_recompile(supervise):
         images = images + step  # another batch, the same shapes
         with torch._dynamo.config.patch(error_on_recompile=step > 0):  # a second step reuses the graphs
             terms_c = train_step(model, loss_fn, opt_c, ctx, images, targets, weights, b)
-        terms_e = train_step(eager_model, age_loss, opt_e, ctx, images, targets, weights, b)
+        terms_e = train_step(eager_model, eager_loss, opt_e, ctx, images, targets, weights, b)
         for name in terms_e:
             torch.testing.assert_close(terms_c[name], terms_e[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
         for (name, p_e), p_c in zip(eager_model.named_parameters(), compiled_raw.parameters()):

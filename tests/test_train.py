@@ -172,6 +172,16 @@ def test_unknown_set_key_and_bad_values_are_errors(shards, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_age_balance_weighs_the_age_terms_and_refuses_a_negative_exponent(shards, straight, tmp_path, capsys):
+    out = tmp_path / "balanced"
+    assert main(_cli(shards, out, epochs=1) + ["--set", "loss.balance=1"]) == 0
+    assert json.loads((out / CONFIG_FILE).read_text())["loss"]["balance"] == 1.0
+    first, plain = _rows(out)[0], _rows(straight[0])[0]  # the same steps, data and start
+    assert first["step"] == plain["step"] and first["ce"] != pytest.approx(plain["ce"], rel=1e-4)
+    assert main(_cli(shards, tmp_path / "neg") + ["--set", "loss.balance=-1"]) == 2
+    assert "loss.balance -1" in capsys.readouterr().err
+
+
 def test_the_loader_delivers_the_network_input_and_the_run_says_its_precision(shards, tmp_path, capsys):
     """At --image-size 24 from 48 px crops the loader delivers 24 px images (the model does not
     resize them), the run prints the precision it chose and why, and on_epoch_end can stop it."""
