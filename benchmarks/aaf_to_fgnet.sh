@@ -27,6 +27,10 @@
 #   wise        WiSE-FT: the select halves' models blended back towards the AAF model (agecl-eval
 #               --wise-ft W, W of $WISE_CHOICES, with the mirror) into <run>-flip-wise<W>; with WISE set
 #               (the choice), the LOPO rows too
+#   calibrate   every prediction of the select halves (with the mirror) and of the LOPO rows mapped
+#               by a line fitted on the other half's held-out predictions (benchmarks/calibrate.py;
+#               agecl.calibration): one for each kind in $CAL_KINDS, into <run>-flip-cal-<kind>;
+#               the select halves say whether it helps, with no LOPO test person in any fit
 #   table       the rows side by side
 #
 # FREEZE=<stage> fine-tunes with the backbone held fixed from the stem up to that stage (agecl-train
@@ -41,6 +45,9 @@
 # --grey; folders end in -grey<p>): about a fifth of FG-NET's photos are greyscale scans.
 # FT_SEED=<n> fine-tunes with another seed (folders end in -seed<n>): how far two seeds of one
 # recipe differ is the yardstick for a difference between recipes.
+# SIZE=<px> pretrains and fine-tunes at that input side (64 by default; the issue allows 64-128):
+# every run folder then names it after the pretraining's epochs (aaf-reflect-all-e12-s128,
+# fgnet-reflect-lopo-...-e12-s128-ft8), so runs at two sizes never resume one another.
 # Every choice is fixed here, before any FG-NET test fold is seen: the pretraining recipe (64 px,
 # $PRE_EPOCHS epochs, cosine, horizontal flips, the ternary loss with every image of a triplet
 # supervised) and the fine-tuning one ($FT_EPOCHS epochs, Adam lr $FT_LR, cosine, batch
@@ -60,6 +67,8 @@ BORDER=${BORDER:-reflect}
 ROWS=${ROWS:-"paper-fgnet-ternary paper-fgnet-binary mv"}
 SIZE=${SIZE:-64}
 PRE_EPOCHS=${PRE_EPOCHS:-12}
+# The pretraining in run names: its epochs, and its input side when not 64 px (e12, e12-s128).
+PRE=e$PRE_EPOCHS$([ "$SIZE" = 64 ] || echo "-s$SIZE")
 FT_EPOCHS=${FT_EPOCHS:-16}
 FT_LR=${FT_LR:-2e-4}
 FT_BATCH=${FT_BATCH:-16}
@@ -68,6 +77,7 @@ FT_CHOICES=${FT_CHOICES:-"1 2 4 8 16"}  # the select stage's candidates for FT_E
 SELECT_ROW=${SELECT_ROW:-paper-fgnet-ternary}
 WISE=${WISE:-1}  # the wise stage's weight of the fine-tuned model (1: as fine-tuned)
 WISE_CHOICES=${WISE_CHOICES:-"0.5 0.6 0.7 0.8 0.9"}  # its candidates, scored on the select halves
+CAL_KINDS=${CAL_KINDS:-"linear log"}  # the calibrate stage's lines (agecl.calibration.KINDS)
 FT_SUPERVISE=${FT_SUPERVISE:-anchor}  # fine-tuning: the images the age terms supervise (anchor, the presets'; triplet)
 FT_BALANCE=${FT_BALANCE:-0}  # fine-tuning: the age balance's exponent (loss.balance; 0: every image alike)
 FT_GREY=${FT_GREY:-0}  # fine-tuning: the probability of a greyscale training image (agecl-train --grey)
@@ -96,22 +106,22 @@ stage_pretrain() {
     OMP_NUM_THREADS=$threads $PY -m agecl.train --shards "shards/aaf-$border" --protocol authors --fold 0 \
       --preset paper-fgnet-ternary --set loss.supervise=triplet --flip horizontal --image-size "$SIZE" \
       --epochs "$PRE_EPOCHS" --lr-schedule cosine --workers $threads --device cpu \
-      --out "runs/aaf-$border-pretrain-e$PRE_EPOCHS" --resume --quiet > "runs/aaf-$border-pretrain-e$PRE_EPOCHS.log" 2>&1 &
+      --out "runs/aaf-$border-pretrain-$PRE" --resume --quiet > "runs/aaf-$border-pretrain-$PRE.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
-  for border in $BORDERS; do tail -n 4 "runs/aaf-$border-pretrain-e$PRE_EPOCHS.log"; done
+  for border in $BORDERS; do tail -n 4 "runs/aaf-$border-pretrain-$PRE.log"; done
 }
 
 stage_carry() {
   $PY -m agecl.train --shards "shards/aaf-$BORDER" --protocol authors --fold none \
     --preset paper-fgnet-ternary --set loss.supervise=triplet --flip horizontal --image-size "$SIZE" \
     --epochs "$PRE_EPOCHS" --lr-schedule cosine --workers 2 --device cpu \
-    --out "runs/aaf-$BORDER-all-e$PRE_EPOCHS" --resume --quiet
+    --out "runs/aaf-$BORDER-all-$PRE" --resume --quiet
 }
 
 stage_zeroshot() {
-  $PY -m agecl.evaluate --checkpoint "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --shards "shards/fgnet-$BORDER" \
+  $PY -m agecl.evaluate --checkpoint "runs/aaf-$BORDER-all-$PRE/checkpoint.pt" --shards "shards/fgnet-$BORDER" \
     --all --device cpu
 }
 
@@ -129,15 +139,15 @@ ft_tag() {
 ft_flags() { echo "${FREEZE:+--freeze $FREEZE} --set loss.supervise=$FT_SUPERVISE --set loss.balance=$FT_BALANCE --grey $FT_GREY --seed $FT_SEED"; }
 
 # A LOPO row's folder: the row, the pretraining's epochs, the fine-tuning's when not 1, ft_tag.
-lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-e$PRE_EPOCHS$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }
+lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-$PRE$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }
 
 # A select stage's run: the half, the row, the pretraining's and the fine-tuning's epochs, ft_tag.
-select_dir() { echo "runs/fgnet-$BORDER-select-$1-$SELECT_ROW-e$PRE_EPOCHS-ft$2$(ft_tag)"; }
+select_dir() { echo "runs/fgnet-$BORDER-select-$1-$SELECT_ROW-$PRE-ft$2$(ft_tag)"; }
 
 stage_lopo() {
   for row in $ROWS; do
     $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split lopo)" --all-folds --jobs "$JOBS" \
-      --init-from "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --preset "$row" --flip horizontal \
+      --init-from "runs/aaf-$BORDER-all-$PRE/checkpoint.pt" --preset "$row" --flip horizontal \
       --image-size "$SIZE" --epochs "$FT_EPOCHS" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
       $(ft_flags) --workers 1 --device cpu --out "$(lopo_dir "$row" "$FT_EPOCHS")" --resume --quiet
   done
@@ -175,17 +185,17 @@ PY
     for e in $FT_CHOICES; do
       local run; run=$(select_dir "$h" "$e")
       $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split "inner-$h")" --all-folds \
-        --init-from "runs/aaf-$BORDER-all-e$PRE_EPOCHS/checkpoint.pt" --preset "$SELECT_ROW" --flip horizontal \
+        --init-from "runs/aaf-$BORDER-all-$PRE/checkpoint.pt" --preset "$SELECT_ROW" --flip horizontal \
         --image-size "$SIZE" --epochs "$e" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
         $(ft_flags) --workers 2 --device cpu --out "$run" --resume --quiet > "$run.log" 2>&1
     done
   done
-  $PY - "$BORDER" "$PRE_EPOCHS" "$SELECT_ROW" "$(ft_tag)" $FT_CHOICES <<'PY'
+  $PY - "$BORDER" "$PRE" "$SELECT_ROW" "$(ft_tag)" $FT_CHOICES <<'PY'
 import json, sys
 from pathlib import Path
 border, pre, row, tag, choices = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 for h in "ab":
-    maes = {e: json.loads(Path(f"runs/fgnet-{border}-select-{h}-{row}-e{pre}-ft{e}{tag}/results.json").read_text())["pooled"]["mae"]
+    maes = {e: json.loads(Path(f"runs/fgnet-{border}-select-{h}-{row}-{pre}-ft{e}{tag}/results.json").read_text())["pooled"]["mae"]
             for e in choices}
     best = min(maes, key=maes.get)
     print(f"for the LOPO folds of half {h}: " + "  ".join(f"{e} epochs {m:.2f}" for e, m in maes.items()) + f"  -> {best}")
@@ -222,7 +232,7 @@ PY
 }
 
 stage_flip() {
-  local runs=("runs/aaf-$BORDER-pretrain-e$PRE_EPOCHS")
+  local runs=("runs/aaf-$BORDER-pretrain-$PRE")
   for h in a b; do runs+=("$(select_dir "$h" "$FT_EPOCHS")"); done
   for row in $ROWS; do runs+=("$(lopo_dir "$row" "$FT_EPOCHS")"); done
   $PY benchmarks/rescore.py --suffix flip --eval "--tta flip" "${runs[@]}"
@@ -244,17 +254,32 @@ stage_wise() {
   $PY benchmarks/rescore.py --suffix "flip-wise$WISE" --eval "--tta flip --wise-ft $WISE" "${runs[@]}"
 }
 
+stage_calibrate() {
+  # Each half's line is fitted on the select run made for it (the other half's people, with the
+  # mirror); both select runs are then calibrated too, each by the other's line: the check.
+  local kind runs=() fit_a fit_b
+  fit_a="$(select_dir a "$FT_EPOCHS")-flip" fit_b="$(select_dir b "$FT_EPOCHS")-flip"
+  runs=("$fit_a" "$fit_b")
+  for row in $ROWS; do
+    [ -f "$(lopo_dir "$row" "$FT_EPOCHS")-flip/results.json" ] && runs+=("$(lopo_dir "$row" "$FT_EPOCHS")-flip")
+  done
+  for kind in $CAL_KINDS; do
+    $PY benchmarks/calibrate.py --shards "shards/fgnet-$BORDER" --fit-a "$fit_a" --fit-b "$fit_b" --kind "$kind" \
+      --suffix "cal-$kind" "${runs[@]}"
+  done
+}
+
 stage_table() {
-  $PY - "$BORDER" "$PRE_EPOCHS" "$FT_EPOCHS" "$(ft_tag)" "$WISE" $ROWS <<'PY'
+  $PY - "$BORDER" "$PRE" "$FT_EPOCHS" "$(ft_tag)" "$WISE" $ROWS <<'PY'
 import json, sys
 from pathlib import Path
-border, epochs, ft, tag, wise, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
-z = Path(f"runs/aaf-{border}-all-e{epochs}/eval-fgnet-{border}-all/results.json")
+border, pre, ft, tag, wise, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+z = Path(f"runs/aaf-{border}-all-{pre}/eval-fgnet-{border}-all/results.json")
 if z.is_file():
     r = json.loads(z.read_text())
     print(f"{'zero-shot (AAF model)':24s} MAE {r['test_mae']:.2f}  CS(5) {100 * r['test_cs5']:.1f}%  n {r['n_test']}")
 for row in rows:
-    f = Path(f"runs/fgnet-{border}-lopo-{row}-e{epochs}{'' if ft == '1' else '-ft' + ft}{tag}/results.json")
+    f = Path(f"runs/fgnet-{border}-lopo-{row}-{pre}{'' if ft == '1' else '-ft' + ft}{tag}/results.json")
     if not f.is_file():
         print(f"{row:24s} not run")
         continue
