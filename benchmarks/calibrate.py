@@ -9,11 +9,12 @@ fine-tuned and tested on half b's people only, for the choices made for half a's
 RUN_B the other way round. RUN_A's held-out predictions fit half a's calibration, RUN_B's fit half
 b's; each photo of each RUN given is then calibrated by its person's half's. Half a's line is fitted
 on half b's people's photos only, whatever RUN_A holds (and the other way round), so that no photo
-is calibrated by a line fitted on its own person. The halves come from
-the inner-a / inner-b splits' records (`half_a`, `half_b`). Each RUN (a protocol run with fold-*
-folders) is written to <RUN>-<suffix> (the folds' results.json and predictions.npz, `calibration.json`,
-and the pooled summary, as agecl-eval --aggregate writes it). Prints one line a run: its MAE as it
-was and as calibrated. Resumable: a run already written is skipped.
+is calibrated by a line fitted on its own person. The halves come from the inner-a / inner-b
+splits' records (`half_a`, `half_b`). Each RUN (a protocol run with fold-* folders) is written to
+<RUN>-<suffix> (the folds' results.json and predictions.npz, `calibration.json`, and the pooled
+summary, as agecl-eval --aggregate writes it). Prints one line a run: its MAE as it was and as
+calibrated. Resumable: a fold already written is skipped, and a folder written with other lines is
+refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -58,12 +59,12 @@ def calibrate_run(run: Path, to: Path, fits: dict[str, calibration.AgeCalibratio
             continue
         with np.load(r.parent / evaluate.PREDICTIONS_FILE) as z:
             p = evaluate.Predictions(**{k: z[k] for k in ("ids", "ages", "expected", "std", "identities")})
+        if not np.all(np.isin(p.identities, np.concatenate(list(people.values())))):
+            sys.exit(f"{r.parent}: a test photo of a person in neither half")
         expected = p.expected.copy()
         for h, cal in fits.items():
             mine = np.isin(p.identities, people[h])
             expected[mine] = cal.apply(p.expected[mine])
-        if not np.all(np.isin(p.identities, np.concatenate(list(people.values())))):
-            sys.exit(f"{r.parent}: a test photo of a person in neither half")
         p.expected = expected
         res = json.loads(r.read_text())
         extra = {k: v for k, v in res.items() if k in ("mean_age_baseline", "epochs", "config", "checkpoint", "test_tta")}
@@ -97,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{np.abs(c.apply(expected) - ages).mean():.2f}")
     for run in args.runs:
         to = Path(f"{run}-{args.suffix}")
+        record = json.loads(json.dumps(
+            {"kind": args.kind, "halves_from": str(args.shards),
+             **{f"half_{h}": {**c.to_dict(), "fitted_on": str(src)} for (h, c), src in zip(fits.items(), (args.fit_a, args.fit_b))}}))
+        if (to / "calibration.json").is_file() and json.loads((to / "calibration.json").read_text()) != record:
+            sys.exit(f"{to}: written with other calibration lines ({to / 'calibration.json'}); remove it or choose another --suffix")
+        write_json(to / "calibration.json", record)  # first: a killed run's folds are known to be these lines'
         calibrate_run(run, to, fits, people)
-        write_json(to / "calibration.json", {"kind": args.kind, "halves_from": str(args.shards),
-                                             **{f"half_{h}": {**c.to_dict(), "fitted_on": str(src)}
-                                                for (h, c), src in zip(fits.items(), (args.fit_a, args.fit_b))}})
         with contextlib.redirect_stdout(io.StringIO()):
             evaluate.main(["--aggregate", str(to)])
         was, now = (json.loads((d / evaluate.RESULTS_FILE).read_text()) for d in (run, to))

@@ -167,6 +167,12 @@ def test_calibrate_script_uses_the_other_halfs_fit(tmp_path):
     assert abs(record["half_a"]["slope"] - fit_a.slope) < 1e-9
     assert f"-> {summary['pooled']['mae']:.2f}" in r.stdout
 
+    # Other lines into the same folder: refused, not mixed with the folds already written.
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--shards", str(shards),
+                        "--fit-a", str(tmp_path / "select-a"), "--fit-b", str(tmp_path / "select-b"),
+                        "--kind", "log", "--suffix", "cal", str(tmp_path / "lopo")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "written with other calibration lines" in r.stderr
+
     # Fitted on the LOPO run itself (every person's photos): each half's line still sees only the
     # other half's people, so here it is the same line as from the select runs.
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--shards", str(shards),
