@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agecl import evaluate
+
 KINDS = ("linear", "log")
 _SLOPES = (0.0, 5.0)  # the slope's search range: 0 (every prediction alike) to 5 (a far wider spread)
 
@@ -104,13 +106,5 @@ def held_out_predictions(run: Path | str) -> tuple[np.ndarray, np.ndarray, np.nd
     """(expected, ages, identities) pooled over a run folder's test predictions: every
     `fold-*/predictions.npz` of a protocol run, or the run's own `predictions.npz`. Raises
     FileNotFoundError naming the run when it has none."""
-    run = Path(run)
-    files = sorted(run.glob("fold-*/predictions.npz")) or sorted(run.glob("predictions.npz"))
-    if not files:
-        raise FileNotFoundError(f"{run}: no predictions.npz (neither the run's own nor a fold's): a finished run is needed")
-    arrays: dict[str, list] = {"expected": [], "ages": [], "identities": []}
-    for f in files:
-        with np.load(f) as z:
-            for k, v in arrays.items():
-                v.append(z[k])
-    return tuple(np.concatenate(v) for v in arrays.values())
+    p = evaluate.load_predictions(run)
+    return p.expected, p.ages, p.identities

@@ -45,6 +45,9 @@
 # --grey; folders end in -grey<p>): about a fifth of FG-NET's photos are greyscale scans.
 # FT_SEED=<n> fine-tunes with another seed (folders end in -seed<n>): how far two seeds of one
 # recipe differ is the yardstick for a difference between recipes.
+# FROM=pretrain fine-tunes from the pretrain stage's model (trained on train.txt alone) rather than
+# the carried-forward one (FROM=all, trained on all 13,318 faces): half the pretraining, for comparing
+# pretraining recipes on FG-NET's select halves; folders name it (...-e3-s96-from-pretrain-ft8).
 # SIZE=<px> pretrains and fine-tunes at that input side (64 by default; the issue allows 64-128):
 # every run folder then names it after the pretraining's epochs (aaf-reflect-all-e12-s128,
 # fgnet-reflect-lopo-...-e12-s128-ft8), so runs at two sizes never resume one another.
@@ -69,6 +72,10 @@ SIZE=${SIZE:-64}
 PRE_EPOCHS=${PRE_EPOCHS:-12}
 # The pretraining in run names: its epochs, and its input side when not 64 px (e12, e12-s128).
 PRE=e$PRE_EPOCHS$([ "$SIZE" = 64 ] || echo "-s$SIZE")
+FROM=${FROM:-all}  # the AAF model fine-tuned from: all (the carry stage's) or pretrain (train.txt alone)
+# That model's folder, and its name in the fine-tuned runs' folders (e12, e12-s128-from-pretrain).
+SRC_RUN=runs/aaf-$BORDER-$FROM-$PRE
+SRC=$PRE$([ "$FROM" = all ] || echo "-from-$FROM")
 FT_EPOCHS=${FT_EPOCHS:-16}
 FT_LR=${FT_LR:-2e-4}
 FT_BATCH=${FT_BATCH:-16}
@@ -121,7 +128,7 @@ stage_carry() {
 }
 
 stage_zeroshot() {
-  $PY -m agecl.evaluate --checkpoint "runs/aaf-$BORDER-all-$PRE/checkpoint.pt" --shards "shards/fgnet-$BORDER" \
+  $PY -m agecl.evaluate --checkpoint "$SRC_RUN/checkpoint.pt" --shards "shards/fgnet-$BORDER" \
     --all --device cpu
 }
 
@@ -139,15 +146,15 @@ ft_tag() {
 ft_flags() { echo "${FREEZE:+--freeze $FREEZE} --set loss.supervise=$FT_SUPERVISE --set loss.balance=$FT_BALANCE --grey $FT_GREY --seed $FT_SEED"; }
 
 # A LOPO row's folder: the row, the pretraining's epochs, the fine-tuning's when not 1, ft_tag.
-lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-$PRE$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }
+lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-$SRC$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }
 
 # A select stage's run: the half, the row, the pretraining's and the fine-tuning's epochs, ft_tag.
-select_dir() { echo "runs/fgnet-$BORDER-select-$1-$SELECT_ROW-$PRE-ft$2$(ft_tag)"; }
+select_dir() { echo "runs/fgnet-$BORDER-select-$1-$SELECT_ROW-$SRC-ft$2$(ft_tag)"; }
 
 stage_lopo() {
   for row in $ROWS; do
     $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split lopo)" --all-folds --jobs "$JOBS" \
-      --init-from "runs/aaf-$BORDER-all-$PRE/checkpoint.pt" --preset "$row" --flip horizontal \
+      --init-from "$SRC_RUN/checkpoint.pt" --preset "$row" --flip horizontal \
       --image-size "$SIZE" --epochs "$FT_EPOCHS" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
       $(ft_flags) --workers 1 --device cpu --out "$(lopo_dir "$row" "$FT_EPOCHS")" --resume --quiet
   done
@@ -185,12 +192,12 @@ PY
     for e in $FT_CHOICES; do
       local run; run=$(select_dir "$h" "$e")
       $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split "inner-$h")" --all-folds \
-        --init-from "runs/aaf-$BORDER-all-$PRE/checkpoint.pt" --preset "$SELECT_ROW" --flip horizontal \
+        --init-from "$SRC_RUN/checkpoint.pt" --preset "$SELECT_ROW" --flip horizontal \
         --image-size "$SIZE" --epochs "$e" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
         $(ft_flags) --workers 2 --device cpu --out "$run" --resume --quiet > "$run.log" 2>&1
     done
   done
-  $PY - "$BORDER" "$PRE" "$SELECT_ROW" "$(ft_tag)" $FT_CHOICES <<'PY'
+  $PY - "$BORDER" "$SRC" "$SELECT_ROW" "$(ft_tag)" $FT_CHOICES <<'PY'
 import json, sys
 from pathlib import Path
 border, pre, row, tag, choices = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
@@ -270,11 +277,11 @@ stage_calibrate() {
 }
 
 stage_table() {
-  $PY - "$BORDER" "$PRE" "$FT_EPOCHS" "$(ft_tag)" "$WISE" $ROWS <<'PY'
+  $PY - "$BORDER" "$SRC" "$FT_EPOCHS" "$(ft_tag)" "$WISE" "$SRC_RUN" $ROWS <<'PY'
 import json, sys
 from pathlib import Path
-border, pre, ft, tag, wise, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
-z = Path(f"runs/aaf-{border}-all-{pre}/eval-fgnet-{border}-all/results.json")
+border, pre, ft, tag, wise, src, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
+z = Path(f"{src}/eval-fgnet-{border}-all/results.json")
 if z.is_file():
     r = json.loads(z.read_text())
     print(f"{'zero-shot (AAF model)':24s} MAE {r['test_mae']:.2f}  CS(5) {100 * r['test_cs5']:.1f}%  n {r['n_test']}")

@@ -601,3 +601,95 @@ def test_cli_curves_overlays_runs_and_aggregate_draws_the_folds(tmp_path, capsys
     summary = ev.aggregate(a)
     assert "curves.png" in summary["plots"] and "curves.png" in (a / "results.md").read_text()
     _assert_png(a / "curves.png")
+
+
+# --- two runs compared on the same faces ---------------------------------------------------------
+
+
+def _preds(ids, ages, expected, identities) -> Predictions:
+    n = len(ids)
+    return Predictions(ids=np.asarray(ids, np.int64), ages=np.asarray(ages, np.int64),
+                       expected=np.asarray(expected, np.float32), std=np.ones(n, np.float32),
+                       identities=np.asarray(identities, np.int64))
+
+
+def test_paired_difference_matches_faces_by_id_and_by_hand():
+    ages = np.array([10, 20, 30, 40, 50])
+    base = _preds([0, 1, 2, 3, 4], ages, ages + np.array([1.0, -2, 3, 0, 4]), [0, 0, 1, 1, 2])
+    # The other run scored faces 4, 2, 0, 3 and 9 (another face): in another order, one face fewer.
+    order = np.array([4, 2, 0, 3])
+    other = _preds(np.r_[order, 9], np.r_[ages[order], 60], np.r_[ages[order] + np.array([1.0, -3, 0, 2]), 60], [2, 1, 0, 1, 5])
+    d = ev.paired_difference(base, other, resamples=500)
+    # Faces 0, 2, 3, 4: base errors 1, 3, 0, 4; other's 0, 3, 2, 1.
+    assert d["n"] == 4 and d["people"] == 3
+    assert d["mae_base"] == pytest.approx(2.0) and d["mae_other"] == pytest.approx(1.5)
+    assert d["difference"] == pytest.approx(-0.5)
+    assert d["share_other_better"] == pytest.approx(0.5) and d["share_other_worse"] == pytest.approx(0.25)
+    lo, hi = d["ci95"]
+    assert lo <= hi and lo >= -3 and hi <= 2  # within the range of the per-face differences
+
+    # Better by exactly one year on every face: every resample says -1.
+    errors = np.array([1.0, -2, 3, -4, 4])
+    worse = _preds(base.ids, ages, ages + errors, base.identities)
+    better = _preds(base.ids, ages, ages + errors - np.sign(errors), base.identities)
+    d = ev.paired_difference(worse, better, resamples=200)
+    assert d["difference"] == pytest.approx(-1.0) and d["ci95"] == pytest.approx([-1.0, -1.0])
+
+
+def test_paired_difference_resamples_people_not_faces():
+    """Ten people of 50 photos; the other run is 2 years better on five people and 2 worse on the
+    rest, alike on all of a person's photos. The mean difference is 0, and the interval must say
+    how little ten people tell (about +-1.2 years), not the +-0.2 that 500 independent faces would."""
+    rng = np.random.default_rng(0)
+    identities = np.repeat(np.arange(10), 50)
+    ages = rng.integers(20, 60, len(identities))
+    base = _preds(np.arange(len(ages)), ages, ages + 5.0, identities)
+    other = _preds(np.arange(len(ages)), ages, ages + 5.0 + np.where(identities % 2, 2.0, -2.0), identities)
+    d = ev.paired_difference(base, other, resamples=2000, seed=1)
+    assert d["difference"] == pytest.approx(0.0, abs=1e-9)
+    lo, hi = d["ci95"]
+    assert lo < -0.8 and hi > 0.8, d["ci95"]
+    assert ev.paired_difference(base, other, resamples=2000, seed=1)["ci95"] == d["ci95"], "seeded: reproducible"
+
+
+def test_paired_difference_refuses_unrelated_runs():
+    a = _preds([0, 1], [10, 20], [11, 21], [0, 1])
+    with pytest.raises(ValueError, match="share no test face"):
+        ev.paired_difference(a, _preds([5, 6], [10, 20], [11, 21], [0, 1]))
+    with pytest.raises(ValueError, match="different shard sets"):
+        ev.paired_difference(a, _preds([0, 1], [10, 25], [11, 21], [0, 1]))
+
+
+def test_compare_runs_script_on_written_run_folders(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(3)
+    identities = np.repeat(np.arange(6), 20)
+    ages = rng.integers(0, 70, len(identities))
+    ids = np.arange(len(ages))
+    for name, noise in (("base", 6.0), ("better", 2.0)):
+        expected = ages + rng.normal(0, noise, len(ages))
+        for k, person in enumerate(range(6)):  # a LOPO run: one fold a person
+            rows = identities == person
+            p = _preds(ids[rows], ages[rows], expected[rows], identities[rows])
+            write_fold_results(tmp_path / name / f"fold-{k}", p, metrics(p.expected, p.ages), "lopo", k, n_folds=6)
+    single = _preds(ids, ages, ages + 1.0, identities)  # a one-fold run: its own predictions.npz
+    write_fold_results(tmp_path / "single", single, metrics(single.expected, single.ages), "authors", 0)
+
+    script = [sys.executable, str(root / "benchmarks" / "compare_runs.py")]
+    r = subprocess.run(script + [str(tmp_path / "base"), str(tmp_path / "better"), str(tmp_path / "single")],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["run"] for row in rows] == [str(tmp_path / "better"), str(tmp_path / "single")]
+    base = ev.load_predictions(tmp_path / "base")
+    assert len(base) == len(ages) and sorted(base.ids) == list(ids)
+    assert rows[0]["difference"] == pytest.approx(ev.paired_difference(base, ev.load_predictions(tmp_path / "better"))["difference"])
+    assert rows[0]["difference"] < 0 and rows[0]["people"] == 6 and rows[0]["n"] == len(ages)
+    assert rows[1]["mae_other"] == pytest.approx(1.0, abs=1e-5)
+    assert "better" in r.stderr and "over 6 people, 120 faces" in r.stderr
+
+    r = subprocess.run(script + [str(tmp_path / "base"), str(tmp_path / "missing")], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 2 and f"{tmp_path / 'missing'}: no predictions.npz" in r.stderr
