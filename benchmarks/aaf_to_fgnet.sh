@@ -36,8 +36,10 @@
 # FREEZE=<stage> fine-tunes with the backbone held fixed from the stem up to that stage (agecl-train
 # --freeze; select and lopo, folders ending in -freeze-<stage>): cheaper steps (the backward pass
 # stops there), and the AAF model's early features kept.
-# FT_SUPERVISE=triplet fine-tunes with cross-entropy and mean-variance on every image of a triplet
-# (--set loss.supervise=triplet, as the pretraining does; folders end in -supervise-triplet).
+# FT_SUPERVISE: the images the fine-tuning's cross-entropy and mean-variance supervise. triplet (the
+# default; --set loss.supervise=triplet, as the pretraining does; folders end in -supervise-triplet):
+# every image of a triplet, better than the anchors alone on both select halves with two seeds each
+# (6.07-6.41 against 6.30-6.59, ninth session); anchor: the presets' and the paper's (no folder suffix).
 # FT_BALANCE=<b> fine-tunes with the age terms weighted by (images of that age / mean)^-b
 # (--set loss.balance=b; folders end in -balance<b>): FG-NET's few adults otherwise learn to be young.
 # FT_LR=<lr> fine-tunes with another learning rate than 2e-4 (folders end in -lr<lr>).
@@ -63,7 +65,8 @@
 # sixth session's rows used 1, fixed a priori). The test faces are scored with their mirror
 # averaged in (the flip stage; chosen on AAF val and the select halves).
 # JOBS: on the 2-core AMX CPU one two-thread process (JOBS=1) fine-tunes about as fast as two
-# one-thread ones (268 against 2 x 145 img/s at batch 16).
+# one-thread ones (268 against 2 x 145 img/s at batch 16); on the 2-core Zen 5 EPYC two one-thread
+# ones are 13 % faster at 96 px (2 x 157 against 276 img/s), hence the default, 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -87,7 +90,7 @@ SELECT_ROW=${SELECT_ROW:-paper-fgnet-ternary}
 WISE=${WISE:-1}  # the wise stage's weight of the fine-tuned model (1: as fine-tuned)
 WISE_CHOICES=${WISE_CHOICES:-"0.5 0.6 0.7 0.8 0.9"}  # its candidates, scored on the select halves
 CAL_KINDS=${CAL_KINDS:-"linear log"}  # the calibrate stage's lines (agecl.calibration.KINDS)
-FT_SUPERVISE=${FT_SUPERVISE:-anchor}  # fine-tuning: the images the age terms supervise (anchor, the presets'; triplet)
+FT_SUPERVISE=${FT_SUPERVISE:-triplet}  # fine-tuning: the images the age terms supervise (triplet: all three; anchor: the presets')
 FT_BALANCE=${FT_BALANCE:-0}  # fine-tuning: the age balance's exponent (loss.balance; 0: every image alike)
 FT_GREY=${FT_GREY:-0}  # fine-tuning: the probability of a greyscale training image (agecl-train --grey)
 FT_SEED=${FT_SEED:-0}  # fine-tuning: the seed of the head's fresh rows, the triplets and the augmentation
