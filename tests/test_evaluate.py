@@ -660,6 +660,15 @@ def test_paired_difference_refuses_unrelated_runs():
         ev.paired_difference(a, _preds([0, 1], [10, 25], [11, 21], [0, 1]))
 
 
+def _write_lopo_run(folder: Path, ids, ages, expected, identities) -> None:
+    """A finished LOPO run on disk: one fold folder a person, as agecl-train --all-folds leaves it."""
+    people = np.unique(identities)
+    for k, person in enumerate(people):
+        rows = identities == person
+        p = _preds(ids[rows], ages[rows], expected[rows], identities[rows])
+        write_fold_results(folder / f"fold-{k}", p, metrics(p.expected, p.ages), "lopo", k, n_folds=len(people))
+
+
 def test_compare_runs_script_on_written_run_folders(tmp_path):
     import subprocess
     import sys
@@ -670,11 +679,7 @@ def test_compare_runs_script_on_written_run_folders(tmp_path):
     ages = rng.integers(0, 70, len(identities))
     ids = np.arange(len(ages))
     for name, noise in (("base", 6.0), ("better", 2.0)):
-        expected = ages + rng.normal(0, noise, len(ages))
-        for k, person in enumerate(range(6)):  # a LOPO run: one fold a person
-            rows = identities == person
-            p = _preds(ids[rows], ages[rows], expected[rows], identities[rows])
-            write_fold_results(tmp_path / name / f"fold-{k}", p, metrics(p.expected, p.ages), "lopo", k, n_folds=6)
+        _write_lopo_run(tmp_path / name, ids, ages, ages + rng.normal(0, noise, len(ages)), identities)
     single = _preds(ids, ages, ages + 1.0, identities)  # a one-fold run: its own predictions.npz
     write_fold_results(tmp_path / "single", single, metrics(single.expected, single.ages), "authors", 0)
 
@@ -693,3 +698,57 @@ def test_compare_runs_script_on_written_run_folders(tmp_path):
 
     r = subprocess.run(script + [str(tmp_path / "base"), str(tmp_path / "missing")], capture_output=True, text=True, cwd=root)
     assert r.returncode == 2 and f"{tmp_path / 'missing'}: no predictions.npz" in r.stderr
+
+
+def test_average_predictions_matches_faces_by_id_and_mixes_the_distributions():
+    a = _preds([3, 1, 2], [30, 10, 20], [36, 8, 20], [0, 1, 1])
+    b = _preds([1, 2, 3], [10, 20, 30], [12, 26, 30], [1, 1, 0])  # the same faces, another order
+    b.std[:] = 3.0
+    avg = ev.average_predictions([a, b])
+    assert list(avg.ids) == [3, 1, 2] and list(avg.ages) == [30, 10, 20] and list(avg.identities) == [0, 1, 1]
+    assert avg.expected.tolist() == pytest.approx([33.0, 10.0, 23.0])
+    # An equal mixture of N(36, 1) and N(30, 3): variance (1 + 9) / 2 + 3 ** 2 = 14.
+    assert avg.std[0] == pytest.approx(14 ** 0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="two or more"):
+        ev.average_predictions([a])
+    with pytest.raises(ValueError, match="not the same ones"):
+        ev.average_predictions([a, _preds([1, 2, 4], [10, 20, 30], [10, 20, 30], [1, 1, 0])])
+    with pytest.raises(ValueError, match="other true ages"):
+        ev.average_predictions([a, _preds([1, 2, 3], [10, 20, 31], [10, 20, 30], [1, 1, 0])])
+
+
+def test_average_runs_script_writes_a_run_that_compare_runs_reads(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(5)
+    identities = np.repeat(np.arange(4), 10)
+    ages = rng.integers(0, 70, len(identities))
+    ids = np.arange(len(ages))
+    noise = {"a": rng.normal(0, 4, len(ages)), "b": rng.normal(0, 4, len(ages))}
+    for name, e in noise.items():  # two LOPO runs whose errors are independent
+        _write_lopo_run(tmp_path / name, ids, ages, ages + e, identities)
+
+    script = [sys.executable, str(root / "benchmarks" / "average_runs.py")]
+    out = tmp_path / "ensemble"
+    r = subprocess.run(script + [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    by_hand = np.abs((noise["a"] + noise["b"]) / 2).mean()
+    assert summary["mae"] == pytest.approx(by_hand, abs=1e-4) and summary["n"] == len(ages)
+    assert [x["mae"] for x in summary["runs"]] == pytest.approx([np.abs(noise["a"]).mean(), np.abs(noise["b"]).mean()], abs=1e-4)
+    assert summary["error_correlation"][0][1] == pytest.approx(np.corrcoef(noise["a"], noise["b"])[0, 1], abs=1e-3)
+    written = json.loads((out / "results.json").read_text())
+    assert written["test_mae"] == pytest.approx(by_hand, abs=1e-4)
+    assert written["averaged_runs"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "compare_runs.py"), str(tmp_path / "a"), str(out)],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["mae_other"] == pytest.approx(by_hand, abs=1e-4)
+
+    r = subprocess.run(script + [str(tmp_path / "a"), str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 2 and f"{tmp_path / 'missing'}: no predictions.npz" in r.stderr
+    assert not (tmp_path / "x").exists()
