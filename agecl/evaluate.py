@@ -587,28 +587,37 @@ def load_predictions(run_dir: Path | str) -> Predictions:
     return Predictions(**{k: np.concatenate(v) for k, v in arrays.items()})
 
 
-def average_predictions(runs: Sequence[Predictions]) -> Predictions:
-    """The ensemble of runs that scored the same faces: each face's expected age averaged over the
-    runs (an equal-weight mixture of their age distributions; `std` is the mixture's). Rows follow the
-    first run's order. Raises ValueError when fewer than two runs are given, when the runs scored
-    different faces, or when one face carries different true ages (different shard sets)."""
+def align_predictions(runs: Sequence[Predictions]) -> list[Predictions]:
+    """Runs that scored the same faces, each reordered to the first run's rows (matched by sample id;
+    `features` and `probs` are dropped). Raises ValueError when fewer than two runs are given, when
+    the runs scored different faces, or when one face carries different true ages (different shard
+    sets)."""
     if len(runs) < 2:
-        raise ValueError(f"average_predictions: {len(runs)} run given, two or more are needed")
+        raise ValueError(f"align_predictions: {len(runs)} run given, two or more are needed")
     first = runs[0]
     order = np.argsort(first.ids)
-    mean = np.zeros(len(first), np.float64)
-    second_moment = np.zeros(len(first), np.float64)
+    aligned = []
     for k, run in enumerate(runs):
         if len(run) != len(first) or not np.array_equal(np.sort(run.ids), first.ids[order]):
-            raise ValueError(f"average_predictions: run {k} scored {len(run)} faces, run 0 {len(first)}, and not the same ones")
+            raise ValueError(f"align_predictions: run {k} scored {len(run)} faces, run 0 {len(first)}, and not the same ones")
         at = np.empty(len(first), np.int64)
         at[order] = np.argsort(run.ids)  # row of `run` for each row of the first run
         if not np.array_equal(run.ages[at], first.ages):
-            raise ValueError(f"average_predictions: run {k} gives the same sample ids other true ages: the runs scored different shard sets")
-        e, sd = run.expected[at].astype(np.float64), run.std[at].astype(np.float64)
-        mean += e / len(runs)
-        second_moment += (sd ** 2 + e ** 2) / len(runs)
-    std = np.sqrt(np.maximum(second_moment - mean ** 2, 0.0))
+            raise ValueError(f"align_predictions: run {k} gives the same sample ids other true ages: the runs scored different shard sets")
+        aligned.append(Predictions(**{key: getattr(run, key)[at] for key in _NPZ_KEYS}))
+    return aligned
+
+
+def average_predictions(runs: Sequence[Predictions]) -> Predictions:
+    """The ensemble of runs that scored the same faces: each face's expected age averaged over the
+    runs (an equal-weight mixture of their age distributions; `std` is the mixture's). Rows follow the
+    first run's order; the errors are `align_predictions`'."""
+    aligned = align_predictions(runs)
+    e = np.stack([r.expected for r in aligned]).astype(np.float64)  # (runs, N)
+    sd = np.stack([r.std for r in aligned]).astype(np.float64)
+    mean = e.mean(0)
+    std = np.sqrt(np.maximum((sd ** 2 + e ** 2).mean(0) - mean ** 2, 0.0))
+    first = aligned[0]
     return Predictions(ids=first.ids, ages=first.ages, expected=mean.astype(np.float32), std=std.astype(np.float32),
                        identities=first.identities)
 

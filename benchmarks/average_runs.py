@@ -32,19 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.runs) < 2:
         p.error("two or more runs are needed")
     try:
-        preds = [evaluate.load_predictions(run) for run in args.runs]
+        preds = evaluate.align_predictions([evaluate.load_predictions(run) for run in args.runs])
         ensemble = evaluate.average_predictions(preds)
     except (FileNotFoundError, ValueError) as e:
         print(f"average_runs: {', '.join(map(str, args.runs))}: {e}", file=sys.stderr)
         return 2
     m = evaluate.metrics(ensemble.expected, ensemble.ages)
     evaluate.write_fold_results(args.out, ensemble, m, "ensemble", 0, {"averaged_runs": [str(r) for r in args.runs]})
-    # Signed errors in the ensemble's row order, so the correlation pairs the same faces.
-    errors = []
-    for run in preds:
-        order = np.argsort(run.ids)
-        rows = order[np.searchsorted(run.ids[order], ensemble.ids)]
-        errors.append(run.expected[rows].astype(np.float64) - run.ages[rows])
+    errors = [run.expected.astype(np.float64) - run.ages for run in preds]  # aligned: row k is one face in all
     summary = {
         "out": str(args.out),
         "runs": [{"run": str(r), "mae": float(np.abs(e).mean())} for r, e in zip(args.runs, errors)],
