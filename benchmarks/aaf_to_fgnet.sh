@@ -31,6 +31,14 @@
 #               by a line fitted on the other half's held-out predictions (benchmarks/calibrate.py;
 #               agecl.calibration): one for each kind in $CAL_KINDS, into <run>-flip-cal-<kind>;
 #               the select halves say whether it helps, with no LOPO test person in any fit
+#   stack       the select halves and the LOPO rows (with the mirror) stacked with the AAF model's own
+#               prediction of each photo (zero-shot, with the mirror; it never saw FG-NET): age = a +
+#               b x fine-tuned + c x AAF model, the plane fitted on the other half's people
+#               (benchmarks/calibrate.py --with), into <run>-flip-stack; the select halves, each
+#               stacked by the other's plane, say whether it helps
+#   keep        the LOPO rows' pooled predictions (as trained, with the mirror, stacked) copied into
+#               benchmarks/kept/<run folder>/ (benchmarks/keep_run.py; about 30 KB a row), for git:
+#               runs/ has not outlived its machine, and later comparisons need the faces' predictions
 #   table       the rows side by side
 #
 # FREEZE=<stage> fine-tunes with the backbone held fixed from the stem up to that stage (agecl-train
@@ -281,6 +289,33 @@ stage_calibrate() {
   done
 }
 
+stage_stack() {
+  # The fine-tuned models forget what the AAF model knew of adults (zero-shot it is nearer the truth
+  # on FG-NET's 30-49 than any fine-tuned row, and 10 years off on its children): a plane over both
+  # predictions, fitted on held-out people, can weigh the one against the other by age. Measured on
+  # the 64 px 16-epoch select halves: no gain (4.96 and 5.81 against 4.86 and 5.81; RESULTS.md).
+  local zs="$SRC_RUN/eval-fgnet-$BORDER-all-flip" fit_a fit_b row runs=()
+  [ -f "$zs/results.json" ] || $PY -m agecl.evaluate --checkpoint "$SRC_RUN/checkpoint.pt" \
+    --shards "shards/fgnet-$BORDER" --all --tta flip --device cpu --out "$zs"
+  fit_a="$(select_dir a "$FT_EPOCHS")-flip" fit_b="$(select_dir b "$FT_EPOCHS")-flip"
+  runs=("$fit_a" "$fit_b")
+  for row in $ROWS; do
+    [ -f "$(lopo_dir "$row" "$FT_EPOCHS")-flip/results.json" ] && runs+=("$(lopo_dir "$row" "$FT_EPOCHS")-flip")
+  done
+  $PY benchmarks/calibrate.py --shards "shards/fgnet-$BORDER" --fit-a "$fit_a" --fit-b "$fit_b" --with "$zs" \
+    --suffix stack "${runs[@]}"
+}
+
+stage_keep() {
+  local row d runs=()
+  for row in $ROWS; do
+    for d in "$(lopo_dir "$row" "$FT_EPOCHS")"{,-flip,-flip-stack}; do
+      [ ! -f "$d/results.json" ] || runs+=("$d")
+    done
+  done
+  if [ ${#runs[@]} -gt 0 ]; then $PY benchmarks/keep_run.py --into benchmarks/kept "${runs[@]}"; fi
+}
+
 stage_table() {
   $PY - "$BORDER" "$SRC" "$FT_EPOCHS" "$(ft_tag)" "$WISE" "$SRC_RUN" $ROWS <<'PY'
 import json, sys
@@ -296,7 +331,8 @@ for row in rows:
         print(f"{row:24s} not run")
         continue
     for name, f in ((row, f), (row + " + mirror", f.parent.with_name(f.parent.name + "-flip") / f.name),
-                    (row + f" + mirror, wise-ft {wise}", f.parent.with_name(f.parent.name + f"-flip-wise{wise}") / f.name)):
+                    (row + f" + mirror, wise-ft {wise}", f.parent.with_name(f.parent.name + f"-flip-wise{wise}") / f.name),
+                    (row + " + mirror, stacked with the AAF model", f.parent.with_name(f.parent.name + "-flip-stack") / f.name)):
         if f.is_file():
             r = json.loads(f.read_text())
             p = r["pooled"]

@@ -15,6 +15,13 @@ splits' records (`half_a`, `half_b`). Each RUN (a protocol run with fold-* folde
 summary, as agecl-eval --aggregate writes it). Prints one line a run: its MAE as it was and as
 calibrated. Resumable: a fold already written is skipped, and a folder written with other lines is
 refused rather than mixed.
+
+    python benchmarks/calibrate.py ... --with runs/aaf-reflect-all-e12/eval-fgnet-reflect-all-flip ...
+
+`--with OTHER` stacks: OTHER holds another model's predictions of the same photos (matched by photo
+id; above, the AAF model zero-shot on every FG-NET photo, which never saw any of them), and each
+half's fit becomes the least-absolute-deviation plane age = a + b x predicted + c x OTHER's
+(agecl.calibration.fit_stack), fitted and applied with the same halves as a line.
 """
 
 from __future__ import annotations
@@ -49,7 +56,32 @@ def halves(shards: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def calibrate_run(run: Path, to: Path, fits: dict[str, calibration.AgeCalibration], people: dict[str, np.ndarray]) -> None:
+Fit = calibration.AgeCalibration | calibration.AgeStack
+
+
+class SecondOpinion:
+    """Another model's predicted age for each photo id (`--with`), as the second column of a stack."""
+
+    def __init__(self, run: Path):
+        p = evaluate.load_predictions(run)
+        self.run, self.by_id = run, dict(zip(p.ids.tolist(), p.expected.tolist()))
+
+    def columns(self, expected: np.ndarray, ids: np.ndarray, where: Path) -> np.ndarray:
+        """(N, 2): the run's predictions and this model's for the same photos."""
+        missing = [i for i in ids.tolist() if i not in self.by_id]
+        if missing:
+            sys.exit(f"{where}: {len(missing)} photo(s) (ids {missing[:3]}...) that {self.run} did not score")
+        return np.column_stack([expected, [self.by_id[i] for i in ids.tolist()]])
+
+
+def _apply(fit: Fit, expected: np.ndarray, ids: np.ndarray, second: SecondOpinion | None, where: Path) -> np.ndarray:
+    if isinstance(fit, calibration.AgeStack):
+        return fit.apply(second.columns(expected, ids, where))
+    return fit.apply(expected)
+
+
+def calibrate_run(run: Path, to: Path, fits: dict[str, Fit], people: dict[str, np.ndarray],
+                  second: SecondOpinion | None = None) -> None:
     folds = sorted(run.glob("fold-*/results.json"))
     if not folds:
         sys.exit(f"{run}: no finished fold (fold-*/results.json)")
@@ -64,7 +96,7 @@ def calibrate_run(run: Path, to: Path, fits: dict[str, calibration.AgeCalibratio
         expected = p.expected.copy()
         for h, cal in fits.items():
             mine = np.isin(p.identities, people[h])
-            expected[mine] = cal.apply(p.expected[mine])
+            expected[mine] = _apply(cal, p.expected[mine], p.ids[mine], second, r.parent)
         p.expected = expected
         res = json.loads(r.read_text())
         extra = {k: v for k, v in res.items() if k in ("mean_age_baseline", "epochs", "config", "checkpoint", "test_tta")}
@@ -80,31 +112,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-a", type=Path, required=True, help="held-out predictions on half b's people: half a's fit")
     p.add_argument("--fit-b", type=Path, required=True, help="held-out predictions on half a's people: half b's fit")
     p.add_argument("--kind", choices=calibration.KINDS, default="linear")
+    p.add_argument("--with", dest="second", type=Path, metavar="OTHER",
+                   help="stack with another model's predictions of the same photos (a run folder, matched by "
+                        "photo id): age = a + b x predicted + c x OTHER's; --kind linear only")
     p.add_argument("--suffix", required=True, help="the calibrated run's folder is <run>-<suffix>")
     args = p.parse_args(argv)
+    if args.second and args.kind != "linear":
+        p.error(f"--with stacks with a plane in years: --kind {args.kind} does not apply")
+    second = SecondOpinion(args.second) if args.second else None
 
     people = halves(args.shards)
     fits = {}
     for h, src in (("a", args.fit_a), ("b", args.fit_b)):
-        expected, ages, identities = calibration.held_out_predictions(src)
-        other = ~np.isin(identities, people[h])  # the other half's people only
+        held = evaluate.load_predictions(src)
+        other = ~np.isin(held.identities, people[h])  # the other half's people only
         if not other.any():
             sys.exit(f"{src}: no photo of a person outside half {h}: nothing to fit half {h}'s calibration on")
-        expected, ages = expected[other], ages[other]
-        fits[h] = calibration.fit(expected, ages, args.kind)
-        c = fits[h]
-        print(f"half {h}: {args.kind} calibration from {src} ({c.n} predictions): intercept {c.intercept:.3f}, "
-              f"slope {c.slope:.3f}; MAE there {np.abs(expected - ages).mean():.2f} -> "
-              f"{np.abs(c.apply(expected) - ages).mean():.2f}")
+        expected, ages, ids = held.expected[other], held.ages[other], held.ids[other]
+        if second:
+            c = fits[h] = calibration.fit_stack(second.columns(expected, ids, src), ages, (str(src), str(args.second)))
+            line = f"stack from {src} ({c.n} predictions): {c.intercept:.3f} + " + " + ".join(
+                f"{w:.3f} x {name}" for w, name in zip(c.weights, ("predicted", "other")))
+        else:
+            c = fits[h] = calibration.fit(expected, ages, args.kind)
+            line = (f"{args.kind} calibration from {src} ({c.n} predictions): intercept {c.intercept:.3f}, "
+                    f"slope {c.slope:.3f}")
+        print(f"half {h}: {line}; MAE there {np.abs(expected - ages).mean():.2f} -> "
+              f"{np.abs(_apply(c, expected, ids, second, src) - ages).mean():.2f}")
     for run in args.runs:
         to = Path(f"{run}-{args.suffix}")
         record = json.loads(json.dumps(
-            {"kind": args.kind, "halves_from": str(args.shards),
+            {"kind": "stack" if second else args.kind, "halves_from": str(args.shards),
+             **({"with": str(args.second)} if second else {}),
              **{f"half_{h}": {**c.to_dict(), "fitted_on": str(src)} for (h, c), src in zip(fits.items(), (args.fit_a, args.fit_b))}}))
         if (to / "calibration.json").is_file() and json.loads((to / "calibration.json").read_text()) != record:
             sys.exit(f"{to}: written with other calibration lines ({to / 'calibration.json'}); remove it or choose another --suffix")
         write_json(to / "calibration.json", record)  # first: a killed run's folds are known to be these lines'
-        calibrate_run(run, to, fits, people)
+        calibrate_run(run, to, fits, people, second)
         with contextlib.redirect_stdout(io.StringIO()):
             evaluate.main(["--aggregate", str(to)])
         was, now = (json.loads((d / evaluate.RESULTS_FILE).read_text()) for d in (run, to))

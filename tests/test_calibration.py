@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from agecl import calibration
-from agecl.calibration import AgeCalibration, fit, held_out_predictions
+from agecl.calibration import AgeCalibration, AgeStack, fit, fit_stack, held_out_predictions
 from agecl.evaluate import Predictions, aggregate, metrics, write_fold_results
 from agecl.shards import write_split
 
@@ -96,16 +96,62 @@ def test_bad_calibrations_are_refused():
         fit(np.arange(4.0), np.arange(5.0))
 
 
+def _two_models(n: int, seed: int = 3):
+    """True ages; a model shrunk towards 12 (slope 0.6, Laplace noise 2) and another biased by +10
+    with a slope of 0.9 and noise 4: both carry information about the age, differently."""
+    rng = np.random.default_rng(seed)
+    ages = rng.integers(0, 71, n).astype(np.float64)
+    f = 12 + 0.6 * (ages - 12) + rng.laplace(0, 2, n)
+    z = 10 + 0.9 * ages + rng.laplace(0, 4, n)
+    return np.column_stack([f, z]), ages
+
+
+def test_stack_fit_is_the_least_absolute_deviation_plane():
+    x, y = _two_models(300)
+    s = fit_stack(x, y, ("fine-tuned", "zero-shot"))
+    err = np.abs(y - s.intercept - x @ np.array(s.weights)).mean()
+    # Brute force: both weights on a 0.01 grid, each pair with its best intercept (the median residual).
+    best = np.inf
+    for b in np.arange(0.0, 2.0, 0.01):
+        r = y[None, :] - b * x[:, 0][None, :] - np.arange(-0.5, 1.0, 0.01)[:, None] * x[:, 1][None, :]
+        best = min(best, float(np.abs(r - np.median(r, axis=1, keepdims=True)).mean(axis=1).min()))
+    assert err <= best + 1e-6
+    # Two models that err differently, stacked, beat the better one calibrated alone.
+    alone = fit(x[:, 0], y)
+    assert err < 0.95 * np.abs(alone.apply(x[:, 0]) - y).mean()
+    # One input: the stack is the line `fit` finds.
+    one = fit_stack(x[:, :1], y, ("fine-tuned",))
+    assert abs(one.weights[0] - alone.slope) < 1e-4 and abs(one.intercept - alone.intercept) < 1e-3
+    assert AgeStack.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert s.n == 300 and s.inputs == ("fine-tuned", "zero-shot")
+
+
+def test_bad_stacks_are_refused():
+    x, y = _two_models(20)
+    with pytest.raises(ValueError, match="1 weights for 2 inputs"):
+        AgeStack(inputs=("a", "b"), intercept=0.0, weights=(1.0,), n=1)
+    with pytest.raises(ValueError, match="shape"):
+        AgeStack(inputs=("a", "b"), intercept=0.0, weights=(1.0, 0.0), n=1).apply(x[:, :1])
+    with pytest.raises(ValueError, match="no constant input"):
+        fit_stack(np.column_stack([x[:, 0], np.full(20, 5.0)]), y, ("a", "b"))
+    with pytest.raises(ValueError, match="19 predictions for 20 ages"):
+        fit_stack(x[:19], y, ("a", "b"))
+    with pytest.raises(ValueError, match="for 3 inputs"):
+        fit_stack(x, y, ("a", "b", "c"))
+
+
 # --- Run folders, as agecl-train and agecl-eval write them ----------------------------------------
 
 
-def _write_run(run: Path, protocol: str, folds: list[tuple[np.ndarray, np.ndarray, np.ndarray]], summary: bool = False) -> None:
+def _write_run(run: Path, protocol: str, folds: list[tuple[np.ndarray, np.ndarray, np.ndarray]], summary: bool = False,
+               ids: list[np.ndarray] | None = None) -> None:
     """A protocol run: fold k tests `identities` with true `ages` and predictions `expected`; with
     `summary`, the pooled results.json too (agecl-eval --aggregate, with its plots: seconds)."""
     start = 0
     for k, (identities, ages, expected) in enumerate(folds):
         n = len(ages)
-        p = Predictions(ids=np.arange(start, start + n, dtype=np.int64), ages=ages.astype(np.int64),
+        fold_ids = np.arange(start, start + n, dtype=np.int64) if ids is None else ids[k]
+        p = Predictions(ids=fold_ids.astype(np.int64), ages=ages.astype(np.int64),
                         expected=expected.astype(np.float32), std=np.ones(n, np.float32),
                         identities=identities.astype(np.int64))
         start += n
@@ -182,3 +228,57 @@ def test_calibrate_script_uses_the_other_halfs_fit(tmp_path):
     for p in range(8):
         with np.load(out / f"fold-{p}" / "predictions.npz") as a, np.load(tmp_path / "lopo-cross" / f"fold-{p}" / "predictions.npz") as b:
             np.testing.assert_allclose(b["expected"], a["expected"], rtol=1e-6)
+
+
+def test_calibrate_script_stacks_with_a_second_model(tmp_path):
+    """`--with`: each half's fit is a plane over the run's prediction and another model's for the same
+    photos (matched by photo id, the other model's run ordered differently), fitted on the other
+    half's people only; a photo the other model did not score is named, not guessed."""
+    shards = tmp_path / "shards"
+    identities = np.repeat(np.arange(8), 30)
+    x, ages = _two_models(len(identities), seed=4)
+    half_a, half_b = [0, 1, 2, 3], [4, 5, 6, 7]
+    for name, mine, people in (("inner-a", "a", half_a), ("inner-b", "b", half_b)):
+        write_split(shards, name, np.zeros(len(identities), np.int16), {"protocol": name, f"half_{mine}": people})
+    ids = np.arange(len(identities)) + 1000  # photo ids, shared by every run
+    in_a = np.isin(identities, half_a)
+    b_rows, a_rows = np.flatnonzero(~in_a), np.flatnonzero(in_a)
+    f = x[:, 0]
+    _write_run(tmp_path / "select-a", "inner-a", [(identities[b_rows], ages[b_rows], f[b_rows])], ids=[ids[b_rows]])
+    _write_run(tmp_path / "select-b", "inner-b", [(identities[a_rows], ages[a_rows], f[a_rows])], ids=[ids[a_rows]])
+    _write_run(tmp_path / "lopo", "lopo", [(identities[identities == p], ages[identities == p], f[identities == p])
+                                          for p in range(8)], summary=True, ids=[ids[identities == p] for p in range(8)])
+    rev = np.arange(len(ids))[::-1]  # the zero-shot run lists the photos in another order
+    _write_run(tmp_path / "zero-shot", "all", [(identities[rev], ages[rev], x[rev, 1])], ids=[ids[rev]])
+
+    def calibrate(*extra):
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibrate.py"), "--shards", str(shards),
+                               "--fit-a", str(tmp_path / "select-a"), "--fit-b", str(tmp_path / "select-b"),
+                               *extra, str(tmp_path / "lopo")], capture_output=True, text=True, cwd=ROOT)
+
+    r = calibrate("--with", str(tmp_path / "zero-shot"), "--suffix", "stack")
+    assert r.returncode == 0, r.stderr
+    stored = x.astype(np.float32)  # what the predictions.npz files hold
+    fit_a = fit_stack(stored[b_rows], ages[b_rows], ("a", "b"))  # half a's plane: half b's people
+    fit_b = fit_stack(stored[a_rows], ages[a_rows], ("a", "b"))
+    out = tmp_path / "lopo-stack"
+    for p in range(8):
+        rows = identities == p
+        with np.load(out / f"fold-{p}" / "predictions.npz") as z:
+            want = (fit_a if p in half_a else fit_b).apply(stored[rows])
+            np.testing.assert_allclose(z["expected"], want, rtol=1e-5, atol=1e-4)
+    record = json.loads((out / "calibration.json").read_text())
+    assert record["kind"] == "stack" and record["with"] == str(tmp_path / "zero-shot")
+    assert record["half_a"]["inputs"] == [str(tmp_path / "select-a"), str(tmp_path / "zero-shot")]
+    np.testing.assert_allclose(record["half_b"]["weights"], fit_b.weights, rtol=1e-6)
+    # The stack beats the line from the fine-tuned model alone, on the same halves.
+    assert calibrate("--suffix", "line").returncode == 0
+    mae = {s: json.loads((tmp_path / f"lopo-{s}" / "results.json").read_text())["pooled"]["mae"] for s in ("stack", "line")}
+    assert mae["stack"] < 0.95 * mae["line"]
+
+    # A second model that did not score every photo, and a stack asked in log years: refused.
+    _write_run(tmp_path / "partial", "all", [(identities[:-5], ages[:-5], x[:-5, 1])], ids=[ids[:-5]])
+    r = calibrate("--with", str(tmp_path / "partial"), "--suffix", "partial")
+    assert r.returncode != 0 and "did not score" in r.stderr and str(tmp_path / "partial") in r.stderr
+    r = calibrate("--with", str(tmp_path / "zero-shot"), "--kind", "log", "--suffix", "log")
+    assert r.returncode != 0 and "--kind log" in r.stderr

@@ -752,3 +752,30 @@ def test_average_runs_script_writes_a_run_that_compare_runs_reads(tmp_path):
                        capture_output=True, text=True, cwd=root)
     assert r.returncode == 2 and f"{tmp_path / 'missing'}: no predictions.npz" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_keep_run_script_keeps_the_pooled_predictions(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(5)
+    identities = np.repeat(np.arange(4), 10)
+    ages = rng.integers(0, 70, len(identities))
+    ids = np.arange(len(ages)) + 500
+    run = tmp_path / "runs" / "fgnet-lopo-row"
+    _write_lopo_run(run, ids, ages, ages + rng.normal(0, 3, len(ages)), identities)
+    ev.aggregate(run)
+    script = [sys.executable, str(root / "benchmarks" / "keep_run.py")]
+    r = subprocess.run(script + [str(run), "--into", str(tmp_path / "kept")], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    kept, was = ev.load_predictions(tmp_path / "kept" / run.name), ev.load_predictions(run)
+    for key in ("ids", "ages", "expected", "std", "identities"):
+        np.testing.assert_array_equal(getattr(kept, key), getattr(was, key))
+    written = json.loads((tmp_path / "kept" / run.name / "results.json").read_text())
+    summary = json.loads((run / "results.json").read_text())
+    assert written["kept_from"] == str(run) and written["folds_pooled"] == 4 and written["protocol"] == "lopo"
+    assert written["test_mae"] == pytest.approx(summary["pooled"]["mae"], abs=1e-6)
+    assert written["pooled"] == summary["pooled"]
+    r = subprocess.run(script + [str(tmp_path / "nothing"), "--into", str(tmp_path / "kept")], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 2 and f"{tmp_path / 'nothing'}: no predictions.npz" in r.stderr
