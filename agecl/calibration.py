@@ -21,11 +21,8 @@ benchmarks/RESULTS.md, twentieth session.)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
-
-from agecl import evaluate
 
 KINDS = ("linear", "log")
 _SLOPES = (0.0, 5.0)  # the slope's search range: 0 (every prediction alike) to 5 (a far wider spread)
@@ -173,11 +170,3 @@ def fit_stack(columns: np.ndarray, ages: np.ndarray, inputs: tuple[str, ...] | l
         raise ValueError(f"stack fit: needs more than {x.shape[1] + 1} faces and no constant input")
     w = _lad_plane(x, y)
     return AgeStack(inputs=tuple(map(str, inputs)), intercept=float(w[0]), weights=tuple(map(float, w[1:])), n=len(y))
-
-
-def held_out_predictions(run: Path | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(expected, ages, identities) pooled over a run folder's test predictions: every
-    `fold-*/predictions.npz` of a protocol run, or the run's own `predictions.npz`. Raises
-    FileNotFoundError naming the run when it has none."""
-    p = evaluate.load_predictions(run)
-    return p.expected, p.ages, p.identities

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from agecl import calibration
-from agecl.calibration import AgeCalibration, AgeStack, fit, fit_stack, held_out_predictions
-from agecl.evaluate import Predictions, aggregate, metrics, write_fold_results
+from agecl.calibration import AgeCalibration, AgeStack, fit, fit_stack
+from agecl.evaluate import Predictions, aggregate, load_predictions, metrics, write_fold_results
 from agecl.shards import write_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,12 +164,13 @@ def _write_run(run: Path, protocol: str, folds: list[tuple[np.ndarray, np.ndarra
 def test_held_out_predictions_pool_every_fold(tmp_path):
     x, y = _shrunk(30)
     _write_run(tmp_path / "run", "inner-a", [(np.zeros(10), y[:10], x[:10]), (np.ones(20), y[10:], x[10:])])
-    expected, ages, identities = held_out_predictions(tmp_path / "run")
+    held = load_predictions(tmp_path / "run")  # what calibrate.py fits on
+    expected, ages, identities = held.expected, held.ages, held.identities
     np.testing.assert_allclose(expected, x.astype(np.float32))
     np.testing.assert_array_equal(ages, y.astype(np.int64))
     np.testing.assert_array_equal(identities, [0] * 10 + [1] * 20)
     with pytest.raises(FileNotFoundError, match="nothing-here: no predictions.npz"):
-        held_out_predictions(tmp_path / "nothing-here")
+        load_predictions(tmp_path / "nothing-here")
 
 
 def test_calibrate_script_uses_the_other_halfs_fit(tmp_path):
