@@ -36,6 +36,11 @@
 #               b x fine-tuned + c x AAF model, the plane fitted on the other half's people
 #               (benchmarks/calibrate.py --with), into <run>-flip-stack; the select halves, each
 #               stacked by the other's plane, say whether it helps
+#   ensemble    the AAF models of the seeds in $PRE_SEEDS (each pretrained with PRE_SEED=<seed>, and
+#               its select halves and LOPO rows fine-tuned from it), their predictions with the mirror
+#               averaged face by face (benchmarks/average_runs.py) into the same folder names with
+#               -pseeds<a>+<b> for the pretraining's seed (…-e12-pseeds0+1-ft16-flip): the select
+#               halves say whether averaging models trained apart helps; the LOPO rows when all ran
 #   keep        the LOPO rows' pooled predictions (as trained, with the mirror, stacked) copied into
 #               benchmarks/kept/<run folder>/ (benchmarks/keep_run.py; about 30 KB a row), for git:
 #               runs/ has not outlived its machine, and later comparisons need the faces' predictions
@@ -55,6 +60,10 @@
 # --grey; folders end in -grey<p>): about a fifth of FG-NET's photos are greyscale scans.
 # FT_SEED=<n> fine-tunes with another seed (folders end in -seed<n>): how far two seeds of one
 # recipe differ is the yardstick for a difference between recipes.
+# PRE_SEED=<n> pretrains the AAF model with another seed (its folder and every run fine-tuned from it
+# carry -pseed<n>: aaf-reflect-all-e12-pseed1, fgnet-reflect-select-a-...-e12-pseed1-ft16): a second
+# model trained apart, whose fine-tuned predictions can be averaged with the first's
+# (benchmarks/average_runs.py).
 # FROM=pretrain fine-tunes from the pretrain stage's model (trained on train.txt alone) rather than
 # the carried-forward one (FROM=all, trained on all 13,318 faces): half the pretraining, for comparing
 # pretraining recipes on FG-NET's select halves; folders name it (...-e3-s96-from-pretrain-ft8).
@@ -83,12 +92,21 @@ BORDER=${BORDER:-reflect}
 ROWS=${ROWS:-"paper-fgnet-ternary paper-fgnet-binary mv"}
 SIZE=${SIZE:-96}
 PRE_EPOCHS=${PRE_EPOCHS:-12}
-# The pretraining in run names: its epochs, and its input side when not 64 px (e12, e12-s128).
-PRE=e$PRE_EPOCHS$([ "$SIZE" = 64 ] || echo "-s$SIZE")
+PRE_SEED=${PRE_SEED:-0}  # the pretraining's seed (the head's init, the triplets, the augmentation)
+# The pretraining in run names: its epochs, its input side when not 64 px, its seed when not 0
+# (e12, e12-s128, e12-pseed1).
+PRE=e$PRE_EPOCHS$([ "$SIZE" = 64 ] || echo "-s$SIZE")$([ "$PRE_SEED" = 0 ] || echo "-pseed$PRE_SEED")
+PRE_SEEDS=${PRE_SEEDS:-"0 1"}  # the ensemble stage's AAF models, by pretraining seed
 FROM=${FROM:-all}  # the AAF model fine-tuned from: all (the carry stage's) or pretrain (train.txt alone)
 # That model's folder, and its name in the fine-tuned runs' folders (e12, e12-s128-from-pretrain).
 SRC_RUN=runs/aaf-$BORDER-$FROM-$PRE
 SRC=$PRE$([ "$FROM" = all ] || echo "-from-$FROM")
+# SRC for the AAF model of another pretraining seed, or for a name in place of the seed's (pseeds0+1).
+src_of() {
+  local seed=$1
+  case $seed in (*[!0-9]*) ;; (0) seed= ;; (*) seed=pseed$seed ;; esac
+  echo "e$PRE_EPOCHS$([ "$SIZE" = 64 ] || echo "-s$SIZE")${seed:+-$seed}$([ "$FROM" = all ] || echo "-from-$FROM")"
+}
 FT_EPOCHS=${FT_EPOCHS:-16}
 FT_LR=${FT_LR:-2e-4}
 FT_BATCH=${FT_BATCH:-16}
@@ -125,7 +143,7 @@ stage_pretrain() {
   for border in $BORDERS; do
     OMP_NUM_THREADS=$threads $PY -m agecl.train --shards "shards/aaf-$border" --protocol authors --fold 0 \
       --preset paper-fgnet-ternary --set loss.supervise=triplet --flip horizontal --image-size "$SIZE" \
-      --epochs "$PRE_EPOCHS" --lr-schedule cosine --workers $threads --device cpu \
+      --epochs "$PRE_EPOCHS" --lr-schedule cosine --workers $threads --device cpu --seed "$PRE_SEED" \
       --out "runs/aaf-$border-pretrain-$PRE" --resume --quiet > "runs/aaf-$border-pretrain-$PRE.log" 2>&1 &
     pids+=($!)
   done
@@ -136,7 +154,7 @@ stage_pretrain() {
 stage_carry() {
   $PY -m agecl.train --shards "shards/aaf-$BORDER" --protocol authors --fold none \
     --preset paper-fgnet-ternary --set loss.supervise=triplet --flip horizontal --image-size "$SIZE" \
-    --epochs "$PRE_EPOCHS" --lr-schedule cosine --workers 2 --device cpu \
+    --epochs "$PRE_EPOCHS" --lr-schedule cosine --workers 2 --device cpu --seed "$PRE_SEED" \
     --out "runs/aaf-$BORDER-all-$PRE" --resume --quiet
 }
 
@@ -306,6 +324,28 @@ stage_stack() {
     --suffix stack "${runs[@]}"
 }
 
+stage_ensemble() {
+  # Fine-tunings of one AAF model err alike (0.96-0.97 face by face), two AAF models trained apart
+  # less (0.87-0.90), and only their average gains (RESULTS.md, twentieth and twenty-first sessions).
+  local seed runs name row made=0 name_src
+  name_src=$(src_of "pseeds$(echo $PRE_SEEDS | tr ' ' '+')")
+  for what in "select a" "select b" $(for row in $ROWS; do echo "lopo:$row"; done); do
+    runs=()
+    for seed in $PRE_SEEDS; do
+      if [ "${what%% *}" = select ]; then runs+=("$(SRC=$(src_of "$seed"); select_dir "${what#* }" "$FT_EPOCHS")-flip")
+      else runs+=("$(SRC=$(src_of "$seed"); lopo_dir "${what#lopo:}" "$FT_EPOCHS")-flip"); fi
+    done
+    if [ "${what%% *}" = select ]; then name="$(SRC=$name_src; select_dir "${what#* }" "$FT_EPOCHS")-flip"
+    else name="$(SRC=$name_src; lopo_dir "${what#lopo:}" "$FT_EPOCHS")-flip"; fi
+    local missing=""
+    for run in "${runs[@]}"; do [ -f "$run/results.json" ] || missing="$missing $run"; done
+    if [ -n "$missing" ]; then echo "$name: not yet (unfinished:$missing)"; continue; fi
+    $PY benchmarks/average_runs.py "${runs[@]}" --out "$name" > "$name.json"
+    made=$((made + 1))
+  done
+  echo "ensemble: $made averaged (seeds $PRE_SEEDS)"
+}
+
 stage_keep() {
   local row d runs=()
   for row in $ROWS; do
@@ -317,10 +357,10 @@ stage_keep() {
 }
 
 stage_table() {
-  $PY - "$BORDER" "$SRC" "$FT_EPOCHS" "$(ft_tag)" "$WISE" "$SRC_RUN" $ROWS <<'PY'
+  $PY - "$BORDER" "$SRC" "$FT_EPOCHS" "$(ft_tag)" "$WISE" "$SRC_RUN" "$(src_of "pseeds$(echo $PRE_SEEDS | tr ' ' '+')")" $ROWS <<'PY'
 import json, sys
 from pathlib import Path
-border, pre, ft, tag, wise, src, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
+border, pre, ft, tag, wise, src, ens, rows = *sys.argv[1:8], sys.argv[8:]
 z = Path(f"{src}/eval-fgnet-{border}-all/results.json")
 if z.is_file():
     r = json.loads(z.read_text())
@@ -338,6 +378,11 @@ for row in rows:
             p = r["pooled"]
             print(f"{name:24s} MAE {p['mae']:.2f}  CS(5) {100 * p['cs5']:.1f}%  n {p['n']}  baseline "
                   f"{r['mean_age_baseline']:.2f}  {r['status']}")
+    f = Path(f"runs/fgnet-{border}-lopo-{row}-{ens}{'' if ft == '1' else '-ft' + ft}{tag}-flip/results.json")
+    if f.is_file():  # the ensemble stage's average of AAF models trained apart
+        r = json.loads(f.read_text())
+        print(f"{row + ' + mirror, ' + ens.split('-')[1] + ' averaged':24s} MAE {r['test_mae']:.2f}  "
+              f"CS(5) {100 * r['test_cs5']:.1f}%  n {r['n_test']}")
 PY
 }
 

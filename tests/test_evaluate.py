@@ -754,6 +754,46 @@ def test_average_runs_script_writes_a_run_that_compare_runs_reads(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_path):
+    # The stage finds each pretraining seed's select halves by the folder names the script gives
+    # them (seed 0 unnamed, seed 1 -pseed1) and writes their average as -pseeds0+1.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns("kept", "*.md"))
+    rng = np.random.default_rng(7)
+    identities = np.repeat(np.arange(4), 10)
+    ages = rng.integers(0, 70, len(identities))
+    ids = np.arange(len(ages))
+    made = {}
+    for half in "ab":
+        for seed in ("", "-pseed1"):
+            e = rng.normal(0, 4, len(ages))
+            made[half, seed] = e
+            run = tmp_path / "runs" / f"fgnet-reflect-select-{half}-paper-fgnet-ternary-e12{seed}-ft16-flip"
+            _write_lopo_run(run, ids, ages, ages + e, identities)
+            ev.aggregate(run)  # finished: pooled, as agecl-train --all-folds and rescore.py leave it
+    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(root), SIZE="64", FT_SUPERVISE="anchor",
+               FT_EPOCHS="16", ROWS="paper-fgnet-ternary")
+    r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "ensemble: 2 averaged (seeds 0 1)" in r.stdout
+    lopo = "runs/fgnet-reflect-lopo-paper-fgnet-ternary-e12-pseeds0+1-ft16-flip: not yet"
+    assert lopo in r.stdout  # no LOPO row yet: said, nothing written
+    assert not (tmp_path / lopo.split(":")[0]).exists()
+    for half in "ab":
+        out = tmp_path / "runs" / f"fgnet-reflect-select-{half}-paper-fgnet-ternary-e12-pseeds0+1-ft16-flip"
+        written = json.loads((out / "results.json").read_text())
+        by_hand = np.abs((made[half, ""] + made[half, "-pseed1"]) / 2).mean()
+        assert written["test_mae"] == pytest.approx(by_hand, abs=1e-4) and written["n_test"] == len(ages)
+        assert [Path(x).name for x in written["averaged_runs"]] == [
+            f"fgnet-reflect-select-{half}-paper-fgnet-ternary-e12{seed}-ft16-flip" for seed in ("", "-pseed1")]
+
+
 def test_keep_run_script_keeps_the_pooled_predictions(tmp_path):
     import subprocess
     import sys
