@@ -327,7 +327,7 @@ stage_stack() {
 stage_ensemble() {
   # Fine-tunings of one AAF model err alike (0.96-0.97 face by face), two AAF models trained apart
   # less (0.87-0.90), and only their average gains (RESULTS.md, twentieth and twenty-first sessions).
-  local seed runs name row made=0 name_src
+  local what seed run runs name row made=0 name_src missing
   name_src=$(src_of "pseeds$(echo $PRE_SEEDS | tr ' ' '+')")
   for what in "select a" "select b" $(for row in $ROWS; do echo "lopo:$row"; done); do
     runs=()
@@ -337,7 +337,7 @@ stage_ensemble() {
     done
     if [ "${what%% *}" = select ]; then name="$(SRC=$name_src; select_dir "${what#* }" "$FT_EPOCHS")-flip"
     else name="$(SRC=$name_src; lopo_dir "${what#lopo:}" "$FT_EPOCHS")-flip"; fi
-    local missing=""
+    missing=""
     for run in "${runs[@]}"; do [ -f "$run/results.json" ] || missing="$missing $run"; done
     if [ -n "$missing" ]; then echo "$name: not yet (unfinished:$missing)"; continue; fi
     $PY benchmarks/average_runs.py "${runs[@]}" --out "$name" > "$name.json"
@@ -376,12 +376,13 @@ for row in rows:
         if f.is_file():
             r = json.loads(f.read_text())
             p = r["pooled"]
-            print(f"{name:24s} MAE {p['mae']:.2f}  CS(5) {100 * p['cs5']:.1f}%  n {p['n']}  baseline "
-                  f"{r['mean_age_baseline']:.2f}  {r['status']}")
+            base = r.get("mean_age_baseline")  # optional, as agecl-eval's report has it
+            print(f"{name:24s} MAE {p['mae']:.2f}  CS(5) {100 * p['cs5']:.1f}%  n {p['n']}  "
+                  + (f"baseline {base:.2f}  " if base is not None else "") + r["status"])
     f = Path(f"runs/fgnet-{border}-lopo-{row}-{ens}{'' if ft == '1' else '-ft' + ft}{tag}-flip/results.json")
     if f.is_file():  # the ensemble stage's average of AAF models trained apart
         r = json.loads(f.read_text())
-        print(f"{row + ' + mirror, ' + ens.split('-')[1] + ' averaged':24s} MAE {r['test_mae']:.2f}  "
+        print(f"{row + ' + mirror, ' + next(p for p in ens.split('-') if p.startswith('pseeds')) + ' averaged':24s} MAE {r['test_mae']:.2f}  "
               f"CS(5) {100 * r['test_cs5']:.1f}%  n {r['n_test']}")
 PY
 }

@@ -793,6 +793,20 @@ def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_pa
         assert [Path(x).name for x in written["averaged_runs"]] == [
             f"fgnet-reflect-select-{half}-paper-fgnet-ternary-e12{seed}-ft16-flip" for seed in ("", "-pseed1")]
 
+    # Both LOPO rows finished: averaged too, and the table prints the average beside the row.
+    lopo_errors = {}
+    for name in ("-ft16", "-ft16-flip", "-pseed1-ft16-flip"):
+        lopo_errors[name] = rng.normal(0, 3, len(ages))
+        run = tmp_path / "runs" / f"fgnet-reflect-lopo-paper-fgnet-ternary-e12{name}"
+        _write_lopo_run(run, ids, ages, ages + lopo_errors[name], identities)
+        ev.aggregate(run)
+    r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble", "table"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "ensemble: 3 averaged (seeds 0 1)" in r.stdout
+    by_hand = np.abs((lopo_errors["-ft16-flip"] + lopo_errors["-pseed1-ft16-flip"]) / 2).mean()
+    assert f"paper-fgnet-ternary + mirror, pseeds0+1 averaged MAE {by_hand:.2f}" in r.stdout
+
 
 def test_keep_run_script_keeps_the_pooled_predictions(tmp_path):
     import subprocess
