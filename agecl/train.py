@@ -740,7 +740,7 @@ def _train_folds_at_once(fold_cfgs: list[TrainConfig], out: Path, jobs: int, res
     print(f"{len(fold_cfgs)} folds, {jobs} at once; worker logs in {logs}", flush=True)
     # spawn, not fork: CUDA, DALI and OpenMP threads do not survive a fork.
     with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_fold_worker_init,
-                                initargs=(str(logs), threads)) as pool:
+                                initargs=(str(logs), threads, os.getpid())) as pool:
         futures = {pool.submit(_train_quietly, c, resume): c.data.fold for c in fold_cfgs}
         with tqdm(total=len(futures), desc="folds", unit="fold", dynamic_ncols=True) as bar:
             for future in cf.as_completed(futures):
@@ -757,8 +757,19 @@ def _train_folds_at_once(fold_cfgs: list[TrainConfig], out: Path, jobs: int, res
                          "run the same command with --resume to finish them")
 
 
-def _fold_worker_init(logs: str, threads: int) -> None:
-    """A fold worker's start: its output to its own log, its share of the CPU threads."""
+def _fold_worker_init(logs: str, threads: int, parent: int) -> None:
+    """A fold worker's start: its output to its own log, its share of the CPU threads, and its end
+    tied to the parent's: a killed `agecl-train --jobs` (SIGTERM, SIGKILL, a session's end) would
+    otherwise leave its workers training on, orphaned, on the cores the next run needs (their
+    folds resume from their checkpoints when the command runs again)."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1  # <sys/prctl.h>: the signal this process gets when its parent exits
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
     log = open(Path(logs) / f"worker-{os.getpid()}.log", "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)

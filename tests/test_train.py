@@ -320,6 +320,40 @@ def test_folds_at_once_equal_folds_one_at_a_time(shards, tmp_path):
     assert logs and sum(log.read_text().count("== fold") for log in logs) == 3
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's prctl")
+def test_killing_a_jobs_run_ends_its_fold_workers(shards, tmp_path):
+    """SIGTERM to `agecl-train --all-folds --jobs 2` mid-run: its worker processes end with it
+    rather than training on, orphaned; the folds are left to --resume."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "agecl.train", *_cli(shards, out, epochs=200), "--protocol", "kfold",
+           "--all-folds", "--jobs", "2"]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(workers) < 2 and time.monotonic() < deadline:  # both workers have started a fold
+        logs = list((out / "jobs").glob("worker-*.log")) if (out / "jobs").is_dir() else []
+        workers = [int(log.stem.split("-")[1]) for log in logs if "== fold" in log.read_text()]
+        time.sleep(0.5)
+    assert len(workers) == 2 and parent.poll() is None, "the run did not start two training workers"
+
+    def alive(pid: int) -> bool:  # a zombie (exited, not yet reaped by whoever adopted it) is gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:  # a failing run of this test leaves no orphans behind either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "fold workers outlived their agecl-train"
+    assert not (out / "fold-0" / RESULTS_FILE).exists()  # killed mid-fold: nothing claims to be finished
+
+
 def test_a_failing_fold_is_reported_and_the_others_finish(shards, tmp_path):
     out = tmp_path / "run"
     (out / "fold-1").mkdir(parents=True)
