@@ -94,19 +94,20 @@ SIZE=${SIZE:-96}
 PRE_EPOCHS=${PRE_EPOCHS:-12}
 PRE_SEED=${PRE_SEED:-0}  # the pretraining's seed (the head's init, the triplets, the augmentation)
 # The pretraining in run names: its epochs, its input side when not 64 px, its seed when not 0
-# (e12, e12-s128, e12-pseed1).
-PRE=e$PRE_EPOCHS$([ "$SIZE" = 64 ] || echo "-s$SIZE")$([ "$PRE_SEED" = 0 ] || echo "-pseed$PRE_SEED")
-PRE_SEEDS=${PRE_SEEDS:-"0 1"}  # the ensemble stage's AAF models, by pretraining seed
-FROM=${FROM:-all}  # the AAF model fine-tuned from: all (the carry stage's) or pretrain (train.txt alone)
-# That model's folder, and its name in the fine-tuned runs' folders (e12, e12-s128-from-pretrain).
-SRC_RUN=runs/aaf-$BORDER-$FROM-$PRE
-SRC=$PRE$([ "$FROM" = all ] || echo "-from-$FROM")
-# SRC for the AAF model of another pretraining seed, or for a name in place of the seed's (pseeds0+1).
-src_of() {
+# (e12, e12-s128, e12-pseed1); a name in place of the seed names an average of several (e12-pseeds0+1).
+pre_of() {
   local seed=$1
   case $seed in (*[!0-9]*) ;; (0) seed= ;; (*) seed=pseed$seed ;; esac
-  echo "e$PRE_EPOCHS$([ "$SIZE" = 64 ] || echo "-s$SIZE")${seed:+-$seed}$([ "$FROM" = all ] || echo "-from-$FROM")"
+  echo "e$PRE_EPOCHS$([ "$SIZE" = 64 ] || echo "-s$SIZE")${seed:+-$seed}"
 }
+PRE=$(pre_of "$PRE_SEED")
+PRE_SEEDS=${PRE_SEEDS:-"0 1"}  # the ensemble stage's AAF models, by pretraining seed
+FROM=${FROM:-all}  # the AAF model fine-tuned from: all (the carry stage's) or pretrain (train.txt alone)
+SRC_RUN=runs/aaf-$BORDER-$FROM-$PRE  # that model's folder
+# Its name in the fine-tuned runs' folders (e12, e12-s128-from-pretrain), for any pretraining seed.
+src_of() { echo "$(pre_of "$1")$([ "$FROM" = all ] || echo "-from-$FROM")"; }
+SRC=$(src_of "$PRE_SEED")
+ENS_SRC=$(src_of "pseeds$(echo $PRE_SEEDS | tr ' ' '+')")  # the ensemble stage's runs
 FT_EPOCHS=${FT_EPOCHS:-16}
 FT_LR=${FT_LR:-2e-4}
 FT_BATCH=${FT_BATCH:-16}
@@ -324,20 +325,22 @@ stage_stack() {
     --suffix stack "${runs[@]}"
 }
 
+# One of the ensemble stage's targets under the current SRC, with the mirror: select-a, select-b, lopo:<row>.
+target_dir() {
+  case $1 in
+    select-*) echo "$(select_dir "${1#select-}" "$FT_EPOCHS")-flip" ;;
+    lopo:*) echo "$(lopo_dir "${1#lopo:}" "$FT_EPOCHS")-flip" ;;
+  esac
+}
+
 stage_ensemble() {
   # Fine-tunings of one AAF model err alike (0.96-0.97 face by face), two AAF models trained apart
   # less (0.87-0.90), and only their average gains (RESULTS.md, twentieth and twenty-first sessions).
-  local what seed run runs name row made=0 name_src missing
-  name_src=$(src_of "pseeds$(echo $PRE_SEEDS | tr ' ' '+')")
-  for what in "select a" "select b" $(for row in $ROWS; do echo "lopo:$row"; done); do
-    runs=()
-    for seed in $PRE_SEEDS; do
-      if [ "${what%% *}" = select ]; then runs+=("$(SRC=$(src_of "$seed"); select_dir "${what#* }" "$FT_EPOCHS")-flip")
-      else runs+=("$(SRC=$(src_of "$seed"); lopo_dir "${what#lopo:}" "$FT_EPOCHS")-flip"); fi
-    done
-    if [ "${what%% *}" = select ]; then name="$(SRC=$name_src; select_dir "${what#* }" "$FT_EPOCHS")-flip"
-    else name="$(SRC=$name_src; lopo_dir "${what#lopo:}" "$FT_EPOCHS")-flip"; fi
-    missing=""
+  local what seed run runs name row made=0 missing
+  for what in select-a select-b $(for row in $ROWS; do echo "lopo:$row"; done); do
+    runs=() missing=""
+    for seed in $PRE_SEEDS; do runs+=("$(SRC=$(src_of "$seed"); target_dir "$what")"); done
+    name=$(SRC=$ENS_SRC; target_dir "$what")
     for run in "${runs[@]}"; do [ -f "$run/results.json" ] || missing="$missing $run"; done
     if [ -n "$missing" ]; then echo "$name: not yet (unfinished:$missing)"; continue; fi
     $PY benchmarks/average_runs.py "${runs[@]}" --out "$name" > "$name.json"
@@ -357,7 +360,7 @@ stage_keep() {
 }
 
 stage_table() {
-  $PY - "$BORDER" "$SRC" "$FT_EPOCHS" "$(ft_tag)" "$WISE" "$SRC_RUN" "$(src_of "pseeds$(echo $PRE_SEEDS | tr ' ' '+')")" $ROWS <<'PY'
+  $PY - "$BORDER" "$SRC" "$FT_EPOCHS" "$(ft_tag)" "$WISE" "$SRC_RUN" "$ENS_SRC" $ROWS <<'PY'
 import json, sys
 from pathlib import Path
 border, pre, ft, tag, wise, src, ens, rows = *sys.argv[1:8], sys.argv[8:]
