@@ -12,7 +12,9 @@
 #               faces (--fold none: both halves, no test), border $BORDER (runs/aaf-<border>-all-e<epochs>)
 #   zeroshot    that model on all 1,002 FG-NET photos, no fine-tuning
 #   lopo        FG-NET LOPO, all 82 folds, each fine-tuned from that model, one run per row of
-#               $ROWS (runs/fgnet-<border>-lopo-<row>-e<epochs>), pooled MAE over the 1,002 predictions
+#               $ROWS (runs/fgnet-<border>-lopo-<row>-e<epochs>), pooled MAE over the 1,002 predictions;
+#               each fold tested with the mirror as it finishes (--tta flip), the keep stage's folds
+#               restored first (a row takes more than a session on a slow CPU)
 #   select      the fine-tuning's length (FT_EPOCHS), chosen on FG-NET people outside each LOPO
 #               fold's test person (nested: two halves, each chosen on the other); then lopo again
 #   replay      FG-NET and AAF combined into one shard set (shards/fgnet+aaf-<border>), with splits
@@ -43,7 +45,10 @@
 #               halves say whether averaging models trained apart helps; the LOPO rows when all ran
 #   keep        the LOPO rows' pooled predictions (as trained, with the mirror, stacked) copied into
 #               benchmarks/kept/<run folder>/ (benchmarks/keep_run.py; about 30 KB a row), for git:
-#               runs/ has not outlived its machine, and later comparisons need the faces' predictions
+#               runs/ has not outlived its machine, and later comparisons need the faces' predictions;
+#               and every finished LOPO fold, row finished or not, into $KEPT_FOLDS/<run folder>/fold-<k>/
+#               (about 5 KB a fold), which the lopo stage restores: run it, and commit, before a
+#               session ends with a row unfinished
 #   table       the rows side by side
 #
 # FREEZE=<stage> fine-tunes with the backbone held fixed from the stem up to that stage (agecl-train
@@ -124,6 +129,7 @@ FT_SEED=${FT_SEED:-0}  # fine-tuning: the seed of the head's fresh rows, the tri
 FREEZE=${FREEZE:-}  # fine-tuning: the backbone held fixed up to this stage (agecl-train --freeze; "": none)
 REPLAY=${REPLAY:-0}  # AAF faces replayed while fine-tuning, per FG-NET training face (0: none)
 REPLAY_FROM=${REPLAY_FROM:-0}  # the youngest age among the AAF faces replayed (0: any age)
+KEPT_FOLDS=${KEPT_FOLDS:-benchmarks/kept/folds}  # the keep stage's finished LOPO folds, restored by the lopo stage
 AAF=${AAF:-../shared/data/aaf/images}
 FGNET=${FGNET:-../shared/data/fgnet/images}
 
@@ -184,11 +190,17 @@ lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-$SRC$([ "$2" = 1 ] || echo "-ft$2"
 select_dir() { echo "runs/fgnet-$BORDER-select-$1-$SELECT_ROW-$SRC-ft$2$(ft_tag)"; }
 
 stage_lopo() {
+  # Each fold is tested with the mirror as it finishes (--tta flip), so that its predictions are
+  # final without its checkpoint; the folds kept in git by the keep stage (KEPT_FOLDS) are put back
+  # first and skipped: a row that takes longer than a session outlives a machine that loses runs/.
+  local row run
   for row in $ROWS; do
+    run=$(lopo_dir "$row" "$FT_EPOCHS")
+    [ ! -d "$KEPT_FOLDS/${run#runs/}" ] || $PY benchmarks/keep_run.py --restore --into "$KEPT_FOLDS" "$run"
     $PY -m agecl.train --shards "$(fg_set)" --protocol "$(fg_split lopo)" --all-folds --jobs "$JOBS" \
       --init-from "$SRC_RUN/checkpoint.pt" --preset "$row" --flip horizontal \
       --image-size "$SIZE" --epochs "$FT_EPOCHS" --lr "$FT_LR" --lr-schedule cosine --batch-size "$FT_BATCH" \
-      $(ft_flags) --workers 1 --device cpu --out "$(lopo_dir "$row" "$FT_EPOCHS")" --resume --quiet
+      $(ft_flags) --tta flip --workers 1 --device cpu --out "$run" --resume --quiet
   done
 }
 
@@ -350,13 +362,17 @@ stage_ensemble() {
 }
 
 stage_keep() {
-  local row d runs=()
+  local row d runs=() rows=()
   for row in $ROWS; do
-    for d in "$(lopo_dir "$row" "$FT_EPOCHS")"{,-flip,-flip-stack}; do
+    d=$(lopo_dir "$row" "$FT_EPOCHS")
+    [ -z "$(ls "$d"/fold-*/results.json 2>/dev/null)" ] || rows+=("$d")
+    for d in "$d"{,-flip,-flip-stack}; do
       [ ! -f "$d/results.json" ] || runs+=("$d")
     done
   done
   if [ ${#runs[@]} -gt 0 ]; then $PY benchmarks/keep_run.py --into benchmarks/kept "${runs[@]}"; fi
+  # Every finished fold too, finished row or not: the lopo stage puts them back on a new machine.
+  if [ ${#rows[@]} -gt 0 ]; then $PY benchmarks/keep_run.py --folds --into "$KEPT_FOLDS" "${rows[@]}"; fi
 }
 
 stage_table() {
@@ -373,7 +389,9 @@ for row in rows:
     if not f.is_file():
         print(f"{row:24s} not run")
         continue
-    for name, f in ((row, f), (row + " + mirror", f.parent.with_name(f.parent.name + "-flip") / f.name),
+    first = json.loads(next(iter(sorted(f.parent.glob("fold-*/results.json"))), f).read_text())
+    trained = row + (" (tested with mirror)" if first.get("config", {}).get("test_tta") == "flip" else "")
+    for name, f in ((trained, f), (row + " + mirror", f.parent.with_name(f.parent.name + "-flip") / f.name),
                     (row + f" + mirror, wise-ft {wise}", f.parent.with_name(f.parent.name + f"-flip-wise{wise}") / f.name),
                     (row + " + mirror, stacked with the AAF model", f.parent.with_name(f.parent.name + "-flip-stack") / f.name)):
         if f.is_file():

@@ -7,6 +7,11 @@ folder <run>-<suffix>, and a fold run is pooled as agecl-eval --aggregate pools 
 
 One process for all (82 LOPO folds: a model load and a dozen faces each). Resumable: a checkpoint
 already scored is skipped. Prints one line a run: its MAE as trained and as scored now.
+
+A fold trained with the test-time setting asked for (`agecl-train --tta flip`, then `--eval "--tta
+flip"` and nothing else) was scored so at the end of its training: its results.json and
+predictions.npz are copied as they are, and it needs no checkpoint (a fold restored by
+`keep_run.py --restore` has none).
 """
 
 from __future__ import annotations
@@ -19,11 +24,23 @@ import shlex
 import sys
 from pathlib import Path
 
-from agecl import evaluate
+from agecl import atomic, evaluate
 
 
-def score(checkpoint: Path, out: Path, flags: list[str]) -> None:
+def scored_as_trained(fold: Path, asked: list[str]) -> bool:
+    """Whether `asked` (the --eval flags) is only `--tta MODE` and the fold was tested so when trained."""
+    if len(asked) != 2 or asked[0] != "--tta":
+        return False
+    trained = json.loads((fold / "results.json").read_text()).get("config", {}).get("test_tta", "none")
+    return trained == asked[1] and (fold / evaluate.PREDICTIONS_FILE).is_file()
+
+
+def score(checkpoint: Path, out: Path, flags: list[str], asked: list[str] = ()) -> None:
     if (out / "results.json").is_file():  # a killed job resumes: scored checkpoints are skipped
+        return
+    if (checkpoint.parent / "results.json").is_file() and scored_as_trained(checkpoint.parent, list(asked)):
+        for name in (evaluate.PREDICTIONS_FILE, "results.json"):  # results.json last: it marks the fold scored
+            atomic.write_bytes(out / name, (checkpoint.parent / name).read_bytes())
         return
     said = io.StringIO()  # agecl-eval's report, shown only for a failure: a row is 82 of them
     with contextlib.redirect_stdout(said):
@@ -32,7 +49,7 @@ def score(checkpoint: Path, out: Path, flags: list[str]) -> None:
         sys.exit(f"{checkpoint}: agecl-eval {' '.join(flags)} failed (exit {rc}):\n{said.getvalue()}")
 
 
-def rescore(run: Path, suffix: str, flags: list[str]) -> tuple[float, float] | None:
+def rescore(run: Path, suffix: str, flags: list[str], asked: list[str] = ()) -> tuple[float, float] | None:
     """(MAE as trained, MAE rescored) of a finished run; None for a run not there or not finished."""
     to = Path(f"{run}-{suffix}")
     folds = sorted(run.glob("fold-*/results.json"))
@@ -43,7 +60,7 @@ def rescore(run: Path, suffix: str, flags: list[str]) -> tuple[float, float] | N
         print(f"{run}: not run")
         return None
     for r in folds:
-        score(r.parent / "checkpoint.pt", to / r.parent.name, flags)
+        score(r.parent / "checkpoint.pt", to / r.parent.name, flags, asked)
     if not (run / "results.json").is_file():
         print(f"{run}: not finished ({len(folds)} folds): scored what is there")
         return None
@@ -58,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suffix", required=True, help="the rescored run's folder is <run>-<suffix>")
     p.add_argument("--eval", default="", help="agecl-eval flags, one string (e.g. \"--tta flip --wise-ft 0.7\")")
     args = p.parse_args(argv)
-    flags = ["--workers", "2", "--device", "cpu", *shlex.split(args.eval)]  # later flags win
+    asked = shlex.split(args.eval)
+    flags = ["--workers", "2", "--device", "cpu", *asked]  # later flags win
     for run in args.runs:
-        maes = rescore(run, args.suffix, flags)
+        maes = rescore(run, args.suffix, flags, asked)
         if maes is not None:
             print(f"{run}: MAE {maes[0]:.2f}; {args.suffix} {maes[1]:.2f}", flush=True)
     return 0

@@ -278,6 +278,65 @@ def test_all_folds_then_rerun_skips_finished_folds(shards, tmp_path, capsys):
     assert (out / "fold-1" / RESULTS_FILE).stat().st_mtime_ns == stamp
 
 
+def test_folds_kept_in_git_outlive_the_run_folder(shards, tmp_path, capsys):
+    """A row longer than a session: folds trained with --tta flip, kept by keep_run.py --folds,
+    the run folder lost (a new machine), restored by --restore: every fold is skipped as finished,
+    and rescore.py's mirror copies them, with no checkpoint, as agecl-eval --tta flip scores them."""
+    import shutil
+
+    from agecl import evaluate as ev
+
+    out, kept = tmp_path / "runs" / "row", tmp_path / "kept"
+    cfg = _cfg(shards, out, epochs=1)
+    cfg.data.protocol, cfg.test_tta = "kfold", "flip"
+    train_all_folds(cfg, quiet=True)
+    keep = [sys.executable, str(ROOT / "benchmarks" / "keep_run.py")]
+    rescore = [sys.executable, str(ROOT / "benchmarks" / "rescore.py"), "--suffix", "flip", "--eval", "--tta flip"]
+    # Copying a fold tested with the mirror is what rescoring its checkpoint with the mirror gives.
+    rescored = tmp_path / "rescored"
+    assert ev.main(["--checkpoint", str(out / "fold-1" / CHECKPOINT_FILE), "--tta", "flip", "--device", "cpu",
+                    "--workers", "0", "--loader", "torch", "--out", str(rescored)]) == 0
+    np.testing.assert_allclose(ev.load_predictions(rescored).expected, ev.load_predictions(out / "fold-1").expected,
+                               atol=1e-4)
+
+    r = subprocess.run(keep + ["--folds", str(out), "--into", str(kept)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "3 folds copied, 3 finished there" in r.stdout
+    assert sorted(p.name for p in (kept / "row").iterdir()) == ["fold-0", "fold-1", "fold-2"]
+    assert sorted(p.name for p in (kept / "row" / "fold-0").iterdir()) == ["predictions.npz", "results.json"]
+    again = subprocess.run(keep + ["--folds", str(out), "--into", str(kept)], capture_output=True, text=True, cwd=ROOT)
+    assert "0 folds copied, 3 finished there" in again.stdout
+
+    before = ev.load_predictions(out)
+    shutil.rmtree(out)  # the machine is gone; git kept the folds
+    (out / "fold-2").mkdir(parents=True)
+    (out / "fold-2" / CHECKPOINT_FILE).write_bytes(b"unfinished training")
+    r = subprocess.run(keep + ["--restore", str(out), "--into", str(kept)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "2 folds copied, 2 finished there" in r.stdout
+    assert f"{out / 'fold-2'}: a checkpoint of unfinished training is there; not restored" in r.stderr
+    shutil.rmtree(out / "fold-2")
+    r = subprocess.run(keep + ["--restore", str(out), "--into", str(kept)], capture_output=True, text=True, cwd=ROOT)
+    assert "1 folds copied, 3 finished there" in r.stdout
+    capsys.readouterr()
+    summary = train_all_folds(cfg, quiet=True)
+    assert capsys.readouterr().out.count("skipped") == 3 and summary["complete"]
+    assert not list(out.glob(f"fold-*/{CHECKPOINT_FILE}"))  # nothing trained again
+    np.testing.assert_array_equal(ev.load_predictions(out).expected, before.expected)
+
+    r = subprocess.run(rescore + [str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    flipped = Path(f"{out}-flip")
+    np.testing.assert_array_equal(ev.load_predictions(flipped).expected, before.expected)
+    assert json.loads((flipped / RESULTS_FILE).read_text())["complete"]
+    # A fold tested without the mirror has to be rescored, and without its checkpoint cannot be.
+    plain = json.loads((out / "fold-0" / RESULTS_FILE).read_text())
+    plain["config"]["test_tta"] = "none"
+    (out / "fold-0" / RESULTS_FILE).write_text(json.dumps(plain))
+    r = subprocess.run(rescore[:3] + ["mirror", *rescore[4:], str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and str(out / "fold-0" / CHECKPOINT_FILE) in r.stderr
+
+
 def test_fold_none_trains_on_every_fold_and_tests_nothing(shards, tmp_path, capsys):
     """--fold none: the model to carry forward, trained on every sample of the protocol's folds."""
     from agecl.evaluate import main as eval_main
