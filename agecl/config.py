@@ -31,6 +31,11 @@ class DataConfig:
 class LoaderConfig:
     loader: str = "dali"  # "dali" | "torch" (the ordinary DataLoader baseline)
     batch_size: int = 64  # triplets a batch: 3 * batch_size images
+    # Images of each triplet the training loader delivers: 1 the anchors, 2 with their positives,
+    # 3 the whole triplet. 0: what the loss reads (agecl.losses.triplet_parts, worked out by the
+    # trainer, so an MV run decodes, augments and computes only its anchors); a loader built
+    # directly delivers all three.
+    parts: int = 0
     image_size: int = 224  # side of the training / evaluation crop of the stored face, pixels
     # Side of the training images the loader delivers (0: the crop itself). The trainer sets it to
     # the network's input size: a 64 px network then gets 64 px images drawn straight from the

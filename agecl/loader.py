@@ -18,7 +18,8 @@ Two implementations behind one interface, chosen by `LoaderConfig.loader`:
 Training (`build_train_loader`): `loader.epoch(e)` draws epoch e's triplets with
 `agecl.sampler.TripletSampler` (seed `LoaderConfig.seed`, so the order is a pure function of
 (seed, epoch): deterministic and resumable) and yields `TripletBatch`es: rows [0:B] anchors,
-[B:2B] positives, [2B:3B] negatives. Every anchor of the rank's slice comes exactly once an epoch;
+[B:2B] positives, [2B:3B] negatives (only the first `LoaderConfig.parts` of those: a loss that reads
+the anchors alone gets them alone). Every anchor of the rank's slice comes exactly once an epoch;
 the last, partial batch is yielded (smaller B) unless `drop_last`.
 
 Evaluation (`build_eval_loader`): centre crop, no augmentation, each sample once, in order.
@@ -62,6 +63,9 @@ class TripletBatch:
     identities: torch.Tensor  # (3B,) int64 positions in identities.json
     ids: torch.Tensor  # (3B,) int64 sample ids (rows of index.npy)
     size: int  # B, triplets in this batch
+    # The parts of each triplet delivered (LoaderConfig.parts): with 1 or 2 the rows above are B or
+    # 2B, the anchors (and their positives) only.
+    parts: int = 3
 
     @property
     def anchors(self) -> torch.Tensor:
@@ -144,6 +148,8 @@ def _check_config(cfg: LoaderConfig, shards: ShardSet) -> None:
         raise ValueError(f"output_size must be in [0, image_size = {cfg.image_size}] (0: the crop itself), got {cfg.output_size}")
     if cfg.batch_size < 1 or cfg.workers < 0 or cfg.prefetch < 1:
         raise ValueError(f"need batch_size >= 1, workers >= 0, prefetch >= 1; got {cfg}")
+    if cfg.parts not in (0, 1, 2, 3):
+        raise ValueError(f"parts (the images of each triplet delivered) must be 1, 2, 3 or 0 (all three), got {cfg.parts}")
     if not 0 <= cfg.grey <= 1:
         raise ValueError(f"grey (the probability of a greyscale training image) must be in [0, 1], got {cfg.grey}")
 
@@ -198,15 +204,18 @@ class _TrainEpochs:
         lo, hi = rank_slice(len(self.ids), rank, world_size)
         self.steps = _epoch_steps(len(self.ids), cfg.batch_size, world_size, drop_last)
         self.bounds = _batch_bounds(hi - lo, cfg.batch_size, self.steps)
+        self.parts = cfg.parts or 3
         self.fallback_count = 0
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         t = self.sampler.epoch(self.seed, epoch, self.rank, self.world_size)
         self.fallback_count = t.fallback_count
-        a, p, n = self.ids[t.anchor], self.ids[t.positive], self.ids[t.negative]  # (M,) sample ids
+        # (M,) sample ids each; the triplets are drawn whole whatever is delivered, so the anchors
+        # of an epoch are the same for every `parts`.
+        delivered = (self.ids[t.anchor], self.ids[t.positive], self.ids[t.negative])[: self.parts]
         b = self.bounds
-        # (3b,) per batch: anchors, then their positives, then their negatives.
-        return [np.concatenate((a[lo:hi], p[lo:hi], n[lo:hi])) for lo, hi in zip(b[:-1].tolist(), b[1:].tolist())]
+        # (parts * b,) per batch: anchors, then their positives, then their negatives.
+        return [np.concatenate([x[lo:hi] for x in delivered]) for lo, hi in zip(b[:-1].tolist(), b[1:].tolist())]
 
 
 class _Labels:
@@ -267,7 +276,8 @@ class _TrainLoader:
 
     def _triplet_batch(self, images: torch.Tensor, ids: torch.Tensor) -> TripletBatch:
         ages, identities = self._labels(ids)
-        return TripletBatch(images, ages, identities, ids, int(ids.shape[0]) // 3)
+        parts = self._epochs.parts
+        return TripletBatch(images, ages, identities, ids, int(ids.shape[0]) // parts, parts)
 
 
 class _EvalLoader:

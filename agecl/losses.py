@@ -138,6 +138,16 @@ def age_balance_weights(class_counts: np.ndarray, balance: float) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def triplet_parts(weights: LossConfig) -> int:
+    """How many images of each triplet the loss reads: 1 (the anchors: MV alone), 2 (and their
+    positives: the cosine or KL term), 3 (and the negatives: the triplet term, or the age terms on
+    every image). The loader delivers only those, so an MV run computes a third of a triplet run's
+    images a step, as the paper's MV baseline trains on single images."""
+    if weights.triplet or weights.supervise == "triplet":
+        return 3
+    return 2 if weights.cosine or weights.kl else 1
+
+
 def age_loss(
     features: torch.Tensor,
     logits: torch.Tensor,
@@ -149,7 +159,8 @@ def age_loss(
     """Every term of Eq. 7 (and Eq. 9) on a concatenated triplet batch, plus their weighted "total".
 
     features (3B, D), logits (3B, A): rows [0, B) are anchors, [B, 2B) positives, [2B, 3B)
-    negatives, in that order. targets: (3B,) or (B,) int64 class indices (age - min_age). The age
+    negatives, in that order; or only the first `triplet_parts(weights)` of those parts (B or 2B
+    rows), all the terms on. targets: (3B,) or (B,) int64 class indices (age - min_age). The age
     terms (ce, mean, variance) supervise the anchors alone, as the paper does, or with
     `weights.supervise == "triplet"` all 3B images (then targets must be (3B,)). `weights` is a
     LossConfig (ce, mean, variance, cosine, triplet, kl, margin, supervise). class_weights: (A,)
@@ -161,13 +172,15 @@ def age_loss(
     years (detached, for logging). A term whose weight is 0 is not computed (a branch on the
     config, not on a tensor) and reads 0, so it contributes exactly nothing, not even a NaN.
     """
-    if features.shape[0] != 3 * batch or logits.shape[0] != 3 * batch:
-        raise ValueError(
-            f"age_loss: expected 3*batch = {3 * batch} rows (anchors, positives, negatives), "
-            f"got features {tuple(features.shape)}, logits {tuple(logits.shape)}"
-        )
     if weights.supervise not in SUPERVISE:
         raise ValueError(f"loss.supervise must be one of {SUPERVISE}, got {weights.supervise!r}")
+    need = triplet_parts(weights)
+    rows = {need * batch, 3 * batch}
+    if features.shape[0] not in rows or logits.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"age_loss: expected {' or '.join(str(r) for r in sorted(rows))} rows (anchors, positives, negatives: "
+            f"batch = {batch}, the loss reads {need} parts), got features {tuple(features.shape)}, logits {tuple(logits.shape)}"
+        )
     sup = 3 * batch if weights.supervise == "triplet" else batch  # rows the age terms supervise
     if targets.shape[0] < sup:
         raise ValueError(f"age_loss: supervise={weights.supervise!r} needs {sup} targets, got {targets.shape[0]}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -58,7 +59,7 @@ from agecl.checkpoint import (
 )
 from agecl.config import NO_TEST_FOLD, TrainConfig, apply_overrides, describe, from_dict, to_dict
 from agecl.loader import build_eval_loader, build_train_loader
-from agecl.losses import age_balance_weights, age_loss, apply_train_preset
+from agecl.losses import age_balance_weights, age_loss, apply_train_preset, triplet_parts
 from agecl.model import STAGES, AgeModel, PretrainedError
 from agecl.reader import ShardSet
 
@@ -259,6 +260,10 @@ def resolve(cfg: TrainConfig, shards: ShardSet, fold_dir: bool = False) -> Train
         # The loader delivers what the network takes: a 64 px network gets 64 px images drawn
         # straight from the stored face, not 224 px crops to shrink (agecl.loader.shrink_factor).
         cfg.loader.output_size = cfg.model.input_size
+    # loader.parts 0 (what the loss reads) stays 0 here, so that checkpoints from before it match.
+    if 0 < cfg.loader.parts < triplet_parts(cfg.loss):
+        raise TrainError(f"loader.parts {cfg.loader.parts}: this loss reads {triplet_parts(cfg.loss)} images of each triplet "
+                         "(cosine or KL: 2; the triplet term or loss.supervise=triplet: 3)")
     if not 0 <= cfg.data.min_age <= cfg.data.max_age:
         raise TrainError(f"age range {cfg.data.min_age}..{cfg.data.max_age}: need 0 <= min_age <= max_age")
     stem = f"{Path(cfg.data.shards).resolve().name}-{cfg.data.protocol}"
@@ -392,11 +397,12 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
 def train_step(model, loss_fn, optimizer, ctx, images, targets, weights, batch: int) -> dict:
     """One optimisation step: forward and loss under `ctx`, backward, Adam. No host sync.
 
-    images (3b, 3, S, S) on the device, rows [0:b] anchors, [b:2b] positives, [2b:3b] negatives;
-    targets (3b,) int64 class indices (age - min_age). Returns age_loss's dict of 0-d tensors.
+    images (3b, 3, S, S) on the device, rows [0:b] anchors, [b:2b] positives, [2b:3b] negatives
+    (or the first one or two parts alone: LoaderConfig.parts); targets (3b,) int64 class indices
+    (age - min_age), as many as the images. Returns age_loss's dict of 0-d tensors.
     """
     with ctx:
-        features, logits = model(images)  # (3b, D), (3b, A)
+        features, logits = model(images)  # (parts * b, D), (parts * b, A)
         terms = loss_fn(features, logits, targets, weights, batch)  # dict of 0-d float32
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
@@ -484,7 +490,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     if ckpt is None:
         source = finetune.load_source(cfg.model.init_from, cfg.model.arch) if cfg.model.init_from else None
         cfg.model.init_source = finetune.describe(source) if source is not None else {}
-    train_loader = build_train_loader(shards, train_ids, cfg.loader, device, rank=rank, world_size=world)
+    # The loader delivers, and the network computes, only the images of each triplet the loss reads.
+    parts = cfg.loader.parts or triplet_parts(cfg.loss)
+    train_loader = build_train_loader(shards, train_ids, dataclasses.replace(cfg.loader, parts=parts), device,
+                                      rank=rank, world_size=world)
     if train_loader.note:
         dist.print0(train_loader.note)
     steps_per_epoch = len(train_loader)
@@ -544,7 +553,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     # -- the loop ----------------------------------------------------------------------------------------
     metrics_path = run_dir / METRICS_FILE
     debug_dir = os.environ.get(DEBUG_ANCHORS_ENV)
-    images_per_step = 3 * cfg.loader.batch_size * world  # nominal, for the progress bar
+    images_per_step = parts * cfg.loader.batch_size * world  # nominal, for the progress bar
     bar = None
     if master and not quiet and start_epoch < cfg.epochs:
         from tqdm import tqdm
@@ -571,8 +580,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         for batch in train_loader.epoch(epoch):
             b = batch.size  # triplets in this batch: a host int, no sync
-            images = batch.images.contiguous(memory_format=memory_format)  # (3b, 3, C, C) float32
-            targets = (batch.ages - min_age).clamp_(0, max_age - min_age)  # (3b,) class indices, on the device
+            images = batch.images.contiguous(memory_format=memory_format)  # (parts * b, 3, C, C) float32
+            targets = (batch.ages - min_age).clamp_(0, max_age - min_age)  # (parts * b,) class indices, on the device
             lr = learning_rate(cfg, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr  # a Python float: no tensor, no sync
@@ -583,13 +592,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
             interval_sum += logged
             epoch_sum += logged * b
             interval_steps += 1
-            interval_images += 3 * b
-            epoch_images += 3 * b
+            interval_images += parts * b
+            epoch_images += parts * b
             epoch_anchors += b
             if anchors_seen is not None:
                 anchors_seen.append(batch.ids[:b].cpu())  # debug only: a host sync per step
             if bar is not None:
-                bar.update(3 * b * world)
+                bar.update(parts * b * world)
             if step % cfg.log_every == 0:
                 # Logging: this is a CPU-GPU sync point (the all-reduce and .tolist() wait for the step).
                 packed = torch.cat([interval_sum / (interval_steps * world), interval_sum.new_tensor([interval_images])])

@@ -800,12 +800,17 @@ def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_pa
         run = tmp_path / "runs" / f"fgnet-reflect-lopo-paper-fgnet-ternary-e12{name}"
         _write_lopo_run(run, ids, ages, ages + lopo_errors[name], identities)
         ev.aggregate(run)
-    r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble", "table"],
+    r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble", "table", "keep"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "ensemble: 3 averaged (seeds 0 1)" in r.stdout
     by_hand = np.abs((lopo_errors["-ft16-flip"] + lopo_errors["-pseed1-ft16-flip"]) / 2).mean()
     assert f"paper-fgnet-ternary + mirror, pseeds0+1 averaged MAE {by_hand:.2f}" in r.stdout
+    # The keep stage: the row pooled for comparisons, and each of its folds for a new machine's lopo stage.
+    kept = tmp_path / "benchmarks" / "kept"
+    row = "fgnet-reflect-lopo-paper-fgnet-ternary-e12-ft16"
+    assert (kept / row / "predictions.npz").is_file() and (kept / f"{row}-flip" / "predictions.npz").is_file()
+    assert sorted(d.name for d in (kept / "folds" / row).iterdir()) == [f"fold-{k}" for k in range(4)]
 
 
 def test_keep_run_script_keeps_the_pooled_predictions(tmp_path):

@@ -97,7 +97,8 @@ def _blue_peak(image: torch.Tensor) -> int:
 
 def _epoch(loader, e):
     return [
-        TripletBatch(b.images.clone(), b.ages.clone(), b.identities.clone(), b.ids.clone(), b.size) for b in loader.epoch(e)
+        TripletBatch(b.images.clone(), b.ages.clone(), b.identities.clone(), b.ids.clone(), b.size, b.parts)
+        for b in loader.epoch(e)
     ]
 
 
@@ -129,6 +130,24 @@ def test_train_epoch_shapes_labels_coverage(shards, kind):
         assert set(i) <= set(ids)
         anchors.extend(a)
     assert sorted(anchors) == sorted(ids)  # every training sample is an anchor exactly once
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_fewer_parts_deliver_the_same_triplets_first_parts(shards, kind):
+    # An MV loss reads the anchors alone (parts 1), a binary one the anchors and positives (2): the
+    # loader decodes and augments only those, from the same triplets a whole-triplet loader draws.
+    ids = shards.split_ids("kfold", 0)
+    whole = _epoch(build_train_loader(shards, ids, _cfg(kind)), 0)
+    for parts in (1, 2):
+        part = _epoch(build_train_loader(shards, ids, _cfg(kind, parts=parts)), 0)
+        assert [b.size for b in part] == [b.size for b in whole] and {b.parts for b in part} == {parts}
+        for x, y in zip(part, whole):
+            n = parts * x.size
+            assert x.images.shape == (n, 3, 96, 96) and x.ages.shape == x.ids.shape == (n,)
+            assert torch.equal(x.ids, y.ids[:n]) and torch.equal(x.ages, y.ages[:n])
+            assert all(abs(_blue_peak(img) - _blue(shards, k)) <= 3 for img, k in zip(x.images, x.ids.tolist()))
+    with pytest.raises(ValueError, match="parts"):
+        build_train_loader(shards, ids, _cfg(kind, parts=4))
 
 
 @pytest.mark.parametrize("kind", LOADERS)

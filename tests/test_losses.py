@@ -28,6 +28,7 @@ from agecl.losses import (
     mean_loss,
     preset_loss_config,
     triplet_loss,
+    triplet_parts,
     variance_loss,
 )
 
@@ -309,8 +310,26 @@ def test_zero_weight_cosine_ignores_even_nan_features():
 
 def test_age_loss_rejects_a_batch_that_is_not_three_groups():
     features, logits, targets = _batch()
-    with pytest.raises(ValueError, match="3\\*batch"):
+    with pytest.raises(ValueError, match=f"expected {3 * B} rows"):
         age_loss(features[:-1], logits[:-1], targets, ALL_ON, B)
+
+
+@pytest.mark.parametrize("preset, parts", [("mv", 1), ("paper-fgnet-binary", 2), ("mv-kl-fgnet", 2),
+                                           ("paper-fgnet-ternary", 3), ("mv-triplet", 3)])
+def test_a_loss_reads_only_the_parts_of_a_triplet_it_needs(preset, parts):
+    # The anchors (and positives) alone give every term what the whole triplet gives: the loader can
+    # leave the rest out. Fewer parts than the loss reads is refused, naming the parts.
+    weights = preset_loss_config(preset)
+    assert triplet_parts(weights) == parts
+    assert triplet_parts(dataclasses.replace(weights, supervise="triplet")) == 3
+    features, logits, targets = _batch()
+    whole = age_loss(features, logits, targets, weights, B)
+    part = age_loss(features[: parts * B], logits[: parts * B], targets[: parts * B], weights, B)
+    for k in whole:
+        torch.testing.assert_close(part[k], whole[k], rtol=0, atol=0, msg=k)
+    if parts > 1:
+        with pytest.raises(ValueError, match=f"the loss reads {parts} parts"):
+            age_loss(features[:B], logits[:B], targets[:B], weights, B)
 
 
 def test_default_margin_is_the_config_default():

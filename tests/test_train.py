@@ -257,6 +257,25 @@ def test_command_line_killed_and_resumed(shards, straight, tmp_path):
     assert list(out.glob(".*.tmp")) == []
 
 
+def test_a_run_computes_only_the_parts_of_a_triplet_its_loss_reads(shards, tmp_path):
+    """MV reads the anchors alone: an epoch computes one image a triplet, the ternary loss three;
+    a loader.parts below what the loss reads is refused before anything is written."""
+    from agecl.losses import apply_preset
+
+    for preset, parts in (("mv", 1), ("paper-fgnet-ternary", 3)):
+        cfg = _cfg(shards, tmp_path / preset, epochs=1)
+        apply_preset(preset, cfg.loss)
+        train(cfg, quiet=True)
+        (epoch,) = [r for r in _rows(tmp_path / preset) if r["kind"] == "epoch"]
+        assert epoch["images_per_sec"] * epoch["epoch_time_s"] == pytest.approx(parts * epoch["anchors"], rel=1e-6)
+        assert json.loads((tmp_path / preset / CONFIG_FILE).read_text())["loader"]["parts"] == 0  # as configured
+    cfg = _cfg(shards, tmp_path / "refused", epochs=1)
+    cfg.loader.parts = 1
+    with pytest.raises(TrainError, match="loader.parts 1: this loss reads 2 images of each triplet"):
+        train(cfg, quiet=True)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_all_folds_then_rerun_skips_finished_folds(shards, tmp_path, capsys):
     out = tmp_path / "all"
     cfg = _cfg(shards, out, epochs=1)
