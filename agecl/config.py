@@ -32,10 +32,12 @@ class LoaderConfig:
     loader: str = "dali"  # "dali" | "torch" (the ordinary DataLoader baseline)
     batch_size: int = 64  # triplets a batch: 3 * batch_size images
     # Images of each triplet the training loader delivers: 1 the anchors, 2 with their positives,
-    # 3 the whole triplet. 0: what the loss reads (agecl.losses.triplet_parts, worked out by the
-    # trainer, so an MV run decodes, augments and computes only its anchors); a loader built
-    # directly delivers all three.
-    parts: int = 0
+    # 3 the whole triplet. 0: only what the loss reads (agecl.losses.triplet_parts, worked out by
+    # the trainer): an MV run then decodes, augments and computes its anchors alone, about twice as
+    # fast, but BatchNorm sees a third of the images; fine-tuning MV from the AAF model at 16
+    # triplets a batch that cost +0.24 and -0.05 years on FG-NET's select halves (RESULTS.md), so
+    # the default stays the whole triplet.
+    parts: int = 3
     image_size: int = 224  # side of the training / evaluation crop of the stored face, pixels
     # Side of the training images the loader delivers (0: the crop itself). The trainer sets it to
     # the network's input size: a 64 px network then gets 64 px images drawn straight from the

@@ -260,7 +260,7 @@ def resolve(cfg: TrainConfig, shards: ShardSet, fold_dir: bool = False) -> Train
         # The loader delivers what the network takes: a 64 px network gets 64 px images drawn
         # straight from the stored face, not 224 px crops to shrink (agecl.loader.shrink_factor).
         cfg.loader.output_size = cfg.model.input_size
-    # loader.parts 0 (what the loss reads) stays 0 here, so that checkpoints from before it match.
+    # loader.parts 0 (only what the loss reads) stays 0 in the config; the loader gets the number.
     if 0 < cfg.loader.parts < triplet_parts(cfg.loss):
         raise TrainError(f"loader.parts {cfg.loader.parts}: this loss reads {triplet_parts(cfg.loss)} images of each triplet "
                          "(cosine or KL: 2; the triplet term or loss.supervise=triplet: 3)")
@@ -483,14 +483,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         # The fine-tuning source as the run recorded it when it started (not read again: it may be gone).
         cfg.model.init_source = ckpt["config"].get("model", {}).get("init_source", {})
-        check_compatible(ckpt, cfg, min_age=min_age, max_age=max_age, template=template)
+        # loader.parts compares by the images it delivers (0: what the loss reads; absent: all three).
+        then = ckpt["config"].get("loader", {}).get("parts", 3) or triplet_parts(cfg.loss)
+        same_parts = ("loader.parts",) if then == (cfg.loader.parts or triplet_parts(cfg.loss)) else ()
+        check_compatible(ckpt, cfg, min_age=min_age, max_age=max_age, template=template, ignore=same_parts)
     elif resume:
         dist.print0(f"{ckpt_path}: no checkpoint yet; starting the run")
     source = None  # the checkpoint a new run is fine-tuned from (--init-from)
     if ckpt is None:
         source = finetune.load_source(cfg.model.init_from, cfg.model.arch) if cfg.model.init_from else None
         cfg.model.init_source = finetune.describe(source) if source is not None else {}
-    # The loader delivers, and the network computes, only the images of each triplet the loss reads.
+    # The images of each triplet the loader delivers and the network computes (0: what the loss reads).
     parts = cfg.loader.parts or triplet_parts(cfg.loss)
     train_loader = build_train_loader(shards, train_ids, dataclasses.replace(cfg.loader, parts=parts), device,
                                       rank=rank, world_size=world)

@@ -258,22 +258,34 @@ def test_command_line_killed_and_resumed(shards, straight, tmp_path):
 
 
 def test_a_run_computes_only_the_parts_of_a_triplet_its_loss_reads(shards, tmp_path):
-    """MV reads the anchors alone: an epoch computes one image a triplet, the ternary loss three;
-    a loader.parts below what the loss reads is refused before anything is written."""
+    """With loader.parts 0, MV reads the anchors alone: an epoch computes one image a triplet, the
+    ternary loss three; by default every image of the triplet is computed; a loader.parts below
+    what the loss reads is refused before anything is written."""
     from agecl.losses import apply_preset
 
-    for preset, parts in (("mv", 1), ("paper-fgnet-ternary", 3)):
-        cfg = _cfg(shards, tmp_path / preset, epochs=1)
+    for preset, parts, asked in (("mv", 1, 0), ("paper-fgnet-ternary", 3, 0), ("mv", 3, 3)):
+        cfg = _cfg(shards, tmp_path / preset / str(asked), epochs=1)
         apply_preset(preset, cfg.loss)
+        cfg.loader.parts = asked
         train(cfg, quiet=True)
-        (epoch,) = [r for r in _rows(tmp_path / preset) if r["kind"] == "epoch"]
+        (epoch,) = [r for r in _rows(tmp_path / preset / str(asked)) if r["kind"] == "epoch"]
         assert epoch["images_per_sec"] * epoch["epoch_time_s"] == pytest.approx(parts * epoch["anchors"], rel=1e-6)
-        assert json.loads((tmp_path / preset / CONFIG_FILE).read_text())["loader"]["parts"] == 0  # as configured
+        assert json.loads((tmp_path / preset / str(asked) / CONFIG_FILE).read_text())["loader"]["parts"] == asked
     cfg = _cfg(shards, tmp_path / "refused", epochs=1)
     cfg.loader.parts = 1
     with pytest.raises(TrainError, match="loader.parts 1: this loss reads 2 images of each triplet"):
         train(cfg, quiet=True)
     assert not (tmp_path / "refused").exists()
+    # A resumed run compares loader.parts by the images delivered: 0 and 3 are one for the ternary
+    # loss, not for MV.
+    for preset, resumes in (("paper-fgnet-ternary", True), ("mv", False)):
+        cfg = _cfg(shards, tmp_path / preset / "0", epochs=2)
+        apply_preset(preset, cfg.loss)
+        if resumes:
+            assert train(cfg, resume=True, quiet=True)["epochs"] == 2
+        else:
+            with pytest.raises(CheckpointError, match="loader.parts: checkpoint 0, now 3"):
+                train(cfg, resume=True, quiet=True)
 
 
 def test_all_folds_then_rerun_skips_finished_folds(shards, tmp_path, capsys):
