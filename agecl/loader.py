@@ -18,9 +18,10 @@ Two implementations behind one interface, chosen by `LoaderConfig.loader`:
 Training (`build_train_loader`): `loader.epoch(e)` draws epoch e's triplets with
 `agecl.sampler.TripletSampler` (seed `LoaderConfig.seed`, so the order is a pure function of
 (seed, epoch): deterministic and resumable) and yields `TripletBatch`es: rows [0:B] anchors,
-[B:2B] positives, [2B:3B] negatives (only the first `LoaderConfig.parts` of those: a loss that reads
-the anchors alone can get them alone; 0, what the trainer resolves, counts as all three here). Every anchor of the rank's slice comes exactly once an epoch;
-the last, partial batch is yielded (smaller B) unless `drop_last`.
+[B:2B] positives, [2B:3B] negatives (only the first `LoaderConfig.parts` of those: a loss that
+reads the anchors alone can get them alone; 0, which the trainer resolves, counts as all three
+here). Every anchor of the rank's slice comes exactly once an epoch; the last, partial batch is
+yielded (smaller B) unless `drop_last`.
 
 Evaluation (`build_eval_loader`): centre crop, no augmentation, each sample once, in order.
 
