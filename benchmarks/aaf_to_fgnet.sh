@@ -47,7 +47,7 @@
 #               benchmarks/kept/<run folder>/ (benchmarks/keep_run.py; about 30 KB a row), for git:
 #               runs/ has not outlived its machine, and later comparisons need the faces' predictions;
 #               and every finished LOPO fold, row finished or not, into $KEPT_FOLDS/<run folder>/fold-<k>/
-#               (about 5 KB a fold), which the lopo stage restores: run it, and commit, before a
+#               (about 6 KB a fold), which the lopo stage restores: run it, and commit, before a
 #               session ends with a row unfinished
 #   table       the rows side by side
 #

@@ -14,7 +14,7 @@ came from), a one-fold run that `compare_runs.py`, `average_runs.py` and `calibr
 as they read the run. Exit 2 naming the run when it has no predictions.
 
 `--folds` keeps an unfinished row's progress instead: each finished fold's `results.json` and
-`predictions.npz`, byte for byte, in INTO/<RUN's folder name>/fold-<k>/ (about 5 KB a fold). A LOPO
+`predictions.npz`, byte for byte, in INTO/<RUN's folder name>/fold-<k>/ (about 6 KB a fold). A LOPO
 row on a slow CPU takes longer than a session, and a machine that loses `runs/` would otherwise
 lose its finished folds too. `--restore` puts them back: each kept fold that RUN lacks is copied
 into RUN/fold-<k>/, which `agecl-train --all-folds` then skips as finished (a fold folder holding a
