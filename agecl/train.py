@@ -471,6 +471,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     if len(train_ids) == 0 or (has_test and len(test_ids) == 0):
         raise TrainError(f"{protocol} fold {fold} of {shards.root}: {len(train_ids)} training, {len(test_ids)} test samples")
     template = _template(shards.manifest)
+    # The images of each triplet the loader delivers and the network computes (0: what the loss reads).
+    parts = cfg.loader.parts or triplet_parts(cfg.loss)
     # A run folder is continued only on request, and only by the configuration that wrote it:
     # checked before anything is built or written.
     ckpt = None
@@ -485,7 +487,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
         cfg.model.init_source = ckpt["config"].get("model", {}).get("init_source", {})
         # loader.parts compares by the images it delivers (0: what the loss reads; absent: all three).
         then = ckpt["config"].get("loader", {}).get("parts", 3) or triplet_parts(cfg.loss)
-        same_parts = ("loader.parts",) if then == (cfg.loader.parts or triplet_parts(cfg.loss)) else ()
+        same_parts = ("loader.parts",) if then == parts else ()
         check_compatible(ckpt, cfg, min_age=min_age, max_age=max_age, template=template, ignore=same_parts)
     elif resume:
         dist.print0(f"{ckpt_path}: no checkpoint yet; starting the run")
@@ -493,8 +495,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     if ckpt is None:
         source = finetune.load_source(cfg.model.init_from, cfg.model.arch) if cfg.model.init_from else None
         cfg.model.init_source = finetune.describe(source) if source is not None else {}
-    # The images of each triplet the loader delivers and the network computes (0: what the loss reads).
-    parts = cfg.loader.parts or triplet_parts(cfg.loss)
     train_loader = build_train_loader(shards, train_ids, dataclasses.replace(cfg.loader, parts=parts), device,
                                       rank=rank, world_size=world)
     if train_loader.note:

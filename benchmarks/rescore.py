@@ -38,7 +38,7 @@ def scored_as_trained(fold: Path, asked: list[str]) -> bool:
 def score(checkpoint: Path, out: Path, flags: list[str], asked: list[str] = ()) -> None:
     if (out / "results.json").is_file():  # a killed job resumes: scored checkpoints are skipped
         return
-    if (checkpoint.parent / "results.json").is_file() and scored_as_trained(checkpoint.parent, list(asked)):
+    if asked and scored_as_trained(checkpoint.parent, list(asked)):  # asked: only for a fold of a run
         for name in (evaluate.PREDICTIONS_FILE, "results.json"):  # results.json last: it marks the fold scored
             atomic.write_bytes(out / name, (checkpoint.parent / name).read_bytes())
         return
