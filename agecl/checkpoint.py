@@ -189,7 +189,7 @@ def save_checkpoint(
         "config": config,
         "min_age": int(min_age),
         "max_age": int(max_age),
-        "template": _template(template),
+        "template": stored_template(template),
         "epoch": int(epoch),
         "step": int(step),
         "model": model_state(model),
@@ -273,7 +273,7 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
 _ABSENT = "<absent>"
 
 
-def _template(template: Mapping) -> dict:
+def stored_template(template: Mapping) -> dict:
     """A face template as a checkpoint stores it: size, coverage, border (the default when absent)."""
     return {"size": int(template["size"]), "coverage": float(template["coverage"]), "border": template_border(template)}
 
@@ -315,7 +315,7 @@ def check_compatible(
         if now is not None and int(now) != ckpt[key]:
             diffs.append(f"{key}: checkpoint {ckpt[key]!r}, now {int(now)!r}")
     if template is not None:
-        now_t, then_t = _template(template), _template(ckpt["template"])
+        now_t, then_t = stored_template(template), stored_template(ckpt["template"])
         if now_t != then_t:
             diffs.append(f"template: checkpoint {then_t!r}, now {now_t!r}")
     if diffs:

@@ -495,6 +495,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     if ckpt is None:
         source = finetune.load_source(cfg.model.init_from, cfg.model.arch) if cfg.model.init_from else None
         cfg.model.init_source = finetune.describe(source) if source is not None else {}
+        if source is not None and (mismatch := finetune.frame_mismatch(source, template)):
+            dist.print0(mismatch)
     train_loader = build_train_loader(shards, train_ids, dataclasses.replace(cfg.loader, parts=parts), device,
                                       rank=rank, world_size=world)
     if train_loader.note:

@@ -4,10 +4,11 @@
 #   bash benchmarks/aaf_to_fgnet.sh STAGE [STAGE ...]
 #
 # Stages, in order (each resumes where a killed run stopped: run the same command again):
-#   shards      AAF and FG-NET shard sets, one per border in $BORDERS (shards/aaf-<border>, shards/fgnet-<border>)
-#   pretrain    one AAF model per border: trained on the authors' train.txt, tested on val.txt
-#               (runs/aaf-<border>-pretrain-e<epochs>); val MAE chose the border (6 epochs) and
-#               then the epochs (12 against 6), nothing else did
+#   shards      AAF and FG-NET shard sets, one per frame: each border in $BORDERS at each coverage in
+#               $COVERAGES (shards/aaf-<frame>, shards/fgnet-<frame>; frame: reflect-cov1.0, reflect)
+#   pretrain    one AAF model per frame: trained on the authors' train.txt, tested on val.txt
+#               (runs/aaf-<frame>-pretrain-e<epochs>); val MAE chose the border (6 epochs), the
+#               epochs (12 against 6), the input side and the coverage, nothing else did
 #   carry       the recipe fixed, the model carried forward: the same training on all 13,318 AAF
 #               faces (--fold none: both halves, no test), border $BORDER (runs/aaf-<border>-all-e<epochs>)
 #   zeroshot    that model on all 1,002 FG-NET photos, no fine-tuning
@@ -94,6 +95,18 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BORDERS=${BORDERS:-"reflect constant"}
 BORDER=${BORDER:-reflect}
+# The face frame's coverage (make_shards.py --coverage: how far the aligned frame reaches beyond the
+# ArcFace template's tight face). COVERAGE picks the carried-forward model's; the shards and pretrain
+# stages build and compare each of COVERAGES. The default, 1.0, was chosen on AAF val at 64 px
+# (with the mirror: 1.8 7.77, 1.4 6.77, 1.2 6.50, 1.0 6.12, 0.8 6.04, the last two unresolved) and
+# on FG-NET's select halves (1.4 5.55 / 5.94, 1.0 4.94 / 6.10, 0.8 5.34 / 6.24); every run before
+# the twenty-third session used the builder's default, 1.4 (COVERAGE=1.4 reproduces them). A
+# coverage other than 1.4 is named with the border in every shard set and run folder
+# (aaf-reflect-cov1.0, fgnet-reflect-cov1.0-lopo-...), so frames never mix.
+COVERAGE=${COVERAGE:-1.0}
+COVERAGES=${COVERAGES:-$COVERAGE}
+frame_of() { echo "$1$([ "$2" = 1.4 ] || echo "-cov$2")"; }  # border, coverage -> aaf-<frame>, fgnet-<frame>
+FRAME=$(frame_of "$BORDER" "$COVERAGE")
 ROWS=${ROWS:-"paper-fgnet-ternary paper-fgnet-binary mv"}
 SIZE=${SIZE:-96}
 PRE_EPOCHS=${PRE_EPOCHS:-12}
@@ -108,7 +121,7 @@ pre_of() {
 PRE=$(pre_of "$PRE_SEED")
 PRE_SEEDS=${PRE_SEEDS:-"0 1"}  # the ensemble stage's AAF models, by pretraining seed
 FROM=${FROM:-all}  # the AAF model fine-tuned from: all (the carry stage's) or pretrain (train.txt alone)
-SRC_RUN=runs/aaf-$BORDER-$FROM-$PRE  # that model's folder
+SRC_RUN=runs/aaf-$FRAME-$FROM-$PRE  # that model's folder
 # Its name in the fine-tuned runs' folders (e12, e12-s128-from-pretrain), for any pretraining seed.
 src_of() { echo "$(pre_of "$1")$([ "$FROM" = all ] || echo "-from-$FROM")"; }
 SRC=$(src_of "$PRE_SEED")
@@ -134,44 +147,50 @@ AAF=${AAF:-../shared/data/aaf/images}
 FGNET=${FGNET:-../shared/data/fgnet/images}
 
 stage_shards() {
+  local border cov frame
   for border in $BORDERS; do
-    $PY tools/make_shards.py --dataset aaf --root "$AAF" --out "shards/aaf-$border" --border "$border" \
-      --workers 2 --device cpu --quiet
-    $PY tools/make_shards.py --dataset fgnet --root "$FGNET" --out "shards/fgnet-$border" --border "$border" \
-      --workers 2 --device cpu --quiet
+    for cov in $COVERAGES; do
+      frame=$(frame_of "$border" "$cov")
+      $PY tools/make_shards.py --dataset aaf --root "$AAF" --out "shards/aaf-$frame" --border "$border" \
+        --coverage "$cov" --workers 2 --device cpu --quiet
+      $PY tools/make_shards.py --dataset fgnet --root "$FGNET" --out "shards/fgnet-$frame" --border "$border" \
+        --coverage "$cov" --workers 2 --device cpu --quiet
+    done
   done
 }
 
 stage_pretrain() {
-  # The borders side by side, one core each (two small-batch processes use two cores better than
-  # one process with two threads); one border alone gets both.
-  local pids=() threads=1
-  [ "$(echo $BORDERS | wc -w)" -gt 1 ] || threads=2
-  for border in $BORDERS; do
-    OMP_NUM_THREADS=$threads $PY -m agecl.train --shards "shards/aaf-$border" --protocol authors --fold 0 \
+  # The frames (border x coverage) side by side, one core each (two small-batch processes use two
+  # cores better than one process with two threads); one frame alone gets both.
+  local pids=() threads=1 frames=() border cov frame
+  for border in $BORDERS; do for cov in $COVERAGES; do frames+=("$(frame_of "$border" "$cov")"); done; done
+  [ "${#frames[@]}" -gt 1 ] || threads=2
+  mkdir -p runs
+  for frame in "${frames[@]}"; do
+    OMP_NUM_THREADS=$threads $PY -m agecl.train --shards "shards/aaf-$frame" --protocol authors --fold 0 \
       --preset paper-fgnet-ternary --set loss.supervise=triplet --flip horizontal --image-size "$SIZE" \
       --epochs "$PRE_EPOCHS" --lr-schedule cosine --workers $threads --device cpu --seed "$PRE_SEED" \
-      --out "runs/aaf-$border-pretrain-$PRE" --resume --quiet > "runs/aaf-$border-pretrain-$PRE.log" 2>&1 &
+      --out "runs/aaf-$frame-pretrain-$PRE" --resume --quiet > "runs/aaf-$frame-pretrain-$PRE.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
-  for border in $BORDERS; do tail -n 4 "runs/aaf-$border-pretrain-$PRE.log"; done
+  for frame in "${frames[@]}"; do tail -n 4 "runs/aaf-$frame-pretrain-$PRE.log"; done
 }
 
 stage_carry() {
-  $PY -m agecl.train --shards "shards/aaf-$BORDER" --protocol authors --fold none \
+  $PY -m agecl.train --shards "shards/aaf-$FRAME" --protocol authors --fold none \
     --preset paper-fgnet-ternary --set loss.supervise=triplet --flip horizontal --image-size "$SIZE" \
     --epochs "$PRE_EPOCHS" --lr-schedule cosine --workers 2 --device cpu --seed "$PRE_SEED" \
-    --out "runs/aaf-$BORDER-all-$PRE" --resume --quiet
+    --out "runs/aaf-$FRAME-all-$PRE" --resume --quiet
 }
 
 stage_zeroshot() {
-  $PY -m agecl.evaluate --checkpoint "$SRC_RUN/checkpoint.pt" --shards "shards/fgnet-$BORDER" \
+  $PY -m agecl.evaluate --checkpoint "$SRC_RUN/checkpoint.pt" --shards "shards/fgnet-$FRAME" \
     --all --device cpu
 }
 
 # The fine-tuning's shard set and split name: FG-NET's own, or the combined set's with AAF replayed.
-fg_set() { if [ "$REPLAY" = 0 ]; then echo "shards/fgnet-$BORDER"; else echo "shards/fgnet+aaf-$BORDER"; fi; }
+fg_set() { if [ "$REPLAY" = 0 ]; then echo "shards/fgnet-$FRAME"; else echo "shards/fgnet+aaf-$FRAME"; fi; }
 replay_name() { echo "replay$REPLAY$([ "$REPLAY_FROM" = 0 ] || echo "-from$REPLAY_FROM")"; }
 fg_split() { if [ "$REPLAY" = 0 ]; then echo "$1"; else echo "$1-$(replay_name)"; fi; }
 replay_tag() { [ "$REPLAY" = 0 ] || echo "-$(replay_name)"; }
@@ -184,10 +203,10 @@ ft_tag() {
 ft_flags() { echo "${FREEZE:+--freeze $FREEZE} --set loss.supervise=$FT_SUPERVISE --set loss.balance=$FT_BALANCE --grey $FT_GREY --seed $FT_SEED"; }
 
 # A LOPO row's folder: the row, the pretraining's epochs, the fine-tuning's when not 1, ft_tag.
-lopo_dir() { echo "runs/fgnet-$BORDER-lopo-$1-$SRC$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }
+lopo_dir() { echo "runs/fgnet-$FRAME-lopo-$1-$SRC$([ "$2" = 1 ] || echo "-ft$2")$(ft_tag)"; }
 
 # A select stage's run: the half, the row, the pretraining's and the fine-tuning's epochs, ft_tag.
-select_dir() { echo "runs/fgnet-$BORDER-select-$1-$SELECT_ROW-$SRC-ft$2$(ft_tag)"; }
+select_dir() { echo "runs/fgnet-$FRAME-select-$1-$SELECT_ROW-$SRC-ft$2$(ft_tag)"; }
 
 stage_lopo() {
   # Each fold is tested with the mirror as it finishes (--tta flip), so that its predictions are
@@ -212,7 +231,7 @@ stage_select() {
   # each of $FT_CHOICES epochs; half A's people are in no fold of inner-a. Then run the lopo stage
   # with FT_EPOCHS set to the choice of each half (the same epochs for both: one run; otherwise
   # one run each, and each half's folds are read from its own).
-  $PY - "shards/fgnet-$BORDER" <<'PY'
+  $PY - "shards/fgnet-$FRAME" <<'PY'
 import sys
 import numpy as np
 from agecl.reader import ShardSet
@@ -241,7 +260,7 @@ PY
         $(ft_flags) --workers 2 --device cpu --out "$run" --resume --quiet > "$run.log" 2>&1
     done
   done
-  $PY - "$BORDER" "$SRC" "$SELECT_ROW" "$(ft_tag)" $FT_CHOICES <<'PY'
+  $PY - "$FRAME" "$SRC" "$SELECT_ROW" "$(ft_tag)" $FT_CHOICES <<'PY'
 import json, sys
 from pathlib import Path
 border, pre, row, tag, choices = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
@@ -254,9 +273,9 @@ PY
 }
 
 stage_replay() {
-  [ -f "shards/fgnet+aaf-$BORDER/manifest.json" ] ||
-    $PY tools/make_shards.py --combine "shards/fgnet-$BORDER" "shards/aaf-$BORDER" --out "shards/fgnet+aaf-$BORDER" --quiet
-  $PY - "shards/fgnet+aaf-$BORDER" "fgnet-$BORDER" "aaf-$BORDER" "$REPLAY" "$REPLAY_FROM" "$(replay_name)" <<'PY'
+  [ -f "shards/fgnet+aaf-$FRAME/manifest.json" ] ||
+    $PY tools/make_shards.py --combine "shards/fgnet-$FRAME" "shards/aaf-$FRAME" --out "shards/fgnet+aaf-$FRAME" --quiet
+  $PY - "shards/fgnet+aaf-$FRAME" "fgnet-$FRAME" "aaf-$FRAME" "$REPLAY" "$REPLAY_FROM" "$(replay_name)" <<'PY'
 import sys
 import numpy as np
 from agecl import format as fmt
@@ -283,7 +302,7 @@ PY
 }
 
 stage_flip() {
-  local runs=("runs/aaf-$BORDER-pretrain-$PRE")
+  local runs=("runs/aaf-$FRAME-pretrain-$PRE")
   for h in a b; do runs+=("$(select_dir "$h" "$FT_EPOCHS")"); done
   for row in $ROWS; do runs+=("$(lopo_dir "$row" "$FT_EPOCHS")"); done
   $PY benchmarks/rescore.py --suffix flip --eval "--tta flip" "${runs[@]}"
@@ -315,7 +334,7 @@ stage_calibrate() {
     [ -f "$(lopo_dir "$row" "$FT_EPOCHS")-flip/results.json" ] && runs+=("$(lopo_dir "$row" "$FT_EPOCHS")-flip")
   done
   for kind in $CAL_KINDS; do
-    $PY benchmarks/calibrate.py --shards "shards/fgnet-$BORDER" --fit-a "$fit_a" --fit-b "$fit_b" --kind "$kind" \
+    $PY benchmarks/calibrate.py --shards "shards/fgnet-$FRAME" --fit-a "$fit_a" --fit-b "$fit_b" --kind "$kind" \
       --suffix "cal-$kind" "${runs[@]}"
   done
 }
@@ -325,15 +344,15 @@ stage_stack() {
   # on FG-NET's 30-49 than any fine-tuned row, and 10 years off on its children): a plane over both
   # predictions, fitted on held-out people, can weigh the one against the other by age. Measured on
   # the 64 px 16-epoch select halves: no gain (4.96 and 5.81 against 4.86 and 5.81; RESULTS.md).
-  local zs="$SRC_RUN/eval-fgnet-$BORDER-all-flip" fit_a fit_b row runs=()
+  local zs="$SRC_RUN/eval-fgnet-$FRAME-all-flip" fit_a fit_b row runs=()
   [ -f "$zs/results.json" ] || $PY -m agecl.evaluate --checkpoint "$SRC_RUN/checkpoint.pt" \
-    --shards "shards/fgnet-$BORDER" --all --tta flip --device cpu --out "$zs"
+    --shards "shards/fgnet-$FRAME" --all --tta flip --device cpu --out "$zs"
   fit_a="$(select_dir a "$FT_EPOCHS")-flip" fit_b="$(select_dir b "$FT_EPOCHS")-flip"
   runs=("$fit_a" "$fit_b")
   for row in $ROWS; do
     [ -f "$(lopo_dir "$row" "$FT_EPOCHS")-flip/results.json" ] && runs+=("$(lopo_dir "$row" "$FT_EPOCHS")-flip")
   done
-  $PY benchmarks/calibrate.py --shards "shards/fgnet-$BORDER" --fit-a "$fit_a" --fit-b "$fit_b" --with "$zs" \
+  $PY benchmarks/calibrate.py --shards "shards/fgnet-$FRAME" --fit-a "$fit_a" --fit-b "$fit_b" --with "$zs" \
     --suffix stack "${runs[@]}"
 }
 
@@ -376,7 +395,7 @@ stage_keep() {
 }
 
 stage_table() {
-  $PY - "$BORDER" "$SRC" "$FT_EPOCHS" "$(ft_tag)" "$WISE" "$SRC_RUN" "$ENS_SRC" $ROWS <<'PY'
+  $PY - "$FRAME" "$SRC" "$FT_EPOCHS" "$(ft_tag)" "$WISE" "$SRC_RUN" "$ENS_SRC" $ROWS <<'PY'
 import json, sys
 from pathlib import Path
 border, pre, ft, tag, wise, src, ens, rows = *sys.argv[1:8], sys.argv[8:]

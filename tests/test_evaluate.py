@@ -777,7 +777,7 @@ def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_pa
             _write_lopo_run(run, ids, ages, ages + e, identities)
             ev.aggregate(run)  # finished: pooled, as agecl-train --all-folds and rescore.py leave it
     env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(root), SIZE="64", FT_SUPERVISE="anchor",
-               FT_EPOCHS="16", ROWS="paper-fgnet-ternary")
+               FT_EPOCHS="16", ROWS="paper-fgnet-ternary", COVERAGE="1.4")  # 1.4: folders with no -cov suffix
     r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
@@ -811,6 +811,40 @@ def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_pa
     row = "fgnet-reflect-lopo-paper-fgnet-ternary-e12-ft16"
     assert (kept / row / "predictions.npz").is_file() and (kept / f"{row}-flip" / "predictions.npz").is_file()
     assert sorted(d.name for d in (kept / "folds" / row).iterdir()) == [f"fold-{k}" for k in range(4)]
+
+
+def test_aaf_to_fgnet_names_the_chosen_coverage_in_every_folder(tmp_path):
+    # The default coverage, 1.0, reads and writes only folders named for that frame
+    # (fgnet-reflect-cov1.0-...): runs of the earlier frame (1.4, no suffix) beside them are neither
+    # averaged nor overwritten.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns("kept", "*.md"))
+    rng = np.random.default_rng(11)
+    identities = np.repeat(np.arange(4), 10)
+    ages = rng.integers(0, 70, len(identities))
+    ids = np.arange(len(ages))
+    made = {}
+    for frame in ("reflect", "reflect-cov1.0"):
+        for seed in ("", "-pseed1"):
+            made[frame, seed] = rng.normal(0, 4, len(ages))
+            run = tmp_path / "runs" / f"fgnet-{frame}-select-a-paper-fgnet-ternary-e12{seed}-ft16-flip"
+            _write_lopo_run(run, ids, ages, ages + made[frame, seed], identities)
+            ev.aggregate(run)
+    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(root), SIZE="64", FT_SUPERVISE="anchor",
+               FT_EPOCHS="16", ROWS="paper-fgnet-ternary")
+    r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "runs/fgnet-reflect-cov1.0-lopo-paper-fgnet-ternary-e12-pseeds0+1-ft16-flip: not yet" in r.stdout
+    out = tmp_path / "runs" / "fgnet-reflect-cov1.0-select-a-paper-fgnet-ternary-e12-pseeds0+1-ft16-flip"
+    by_hand = np.abs((made["reflect-cov1.0", ""] + made["reflect-cov1.0", "-pseed1"]) / 2).mean()
+    assert json.loads((out / "results.json").read_text())["test_mae"] == pytest.approx(by_hand, abs=1e-4)
+    assert not (tmp_path / "runs" / "fgnet-reflect-select-a-paper-fgnet-ternary-e12-pseeds0+1-ft16-flip").exists()
 
 
 def test_keep_run_script_keeps_the_pooled_predictions(tmp_path):
