@@ -754,9 +754,9 @@ def test_average_runs_script_writes_a_run_that_compare_runs_reads(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_path):
-    # The stage finds each pretraining seed's select halves by the folder names the script gives
-    # them (seed 0 unnamed, seed 1 -pseed1) and writes their average as -pseeds0+1.
+def _aaf_to_fgnet(tmp_path: Path, **env):
+    """benchmarks/ copied into tmp_path (kept rows and docs left out), and a function that runs
+    aaf_to_fgnet.sh there with the 64 px 16-epoch anchor row's settings plus `env`."""
     import os
     import shutil
     import subprocess
@@ -764,6 +764,20 @@ def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_pa
 
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns("kept", "*.md"))
+    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(root), SIZE="64", FT_SUPERVISE="anchor",
+               FT_EPOCHS="16", ROWS="paper-fgnet-ternary", **env)
+
+    def run(*stages: str):
+        return subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), *stages],
+                              capture_output=True, text=True, env=env)
+
+    return run
+
+
+def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_path):
+    # The stage finds each pretraining seed's select halves by the folder names the script gives
+    # them (seed 0 unnamed, seed 1 -pseed1) and writes their average as -pseeds0+1.
+    script = _aaf_to_fgnet(tmp_path, COVERAGE="1.4")  # 1.4: folders with no -cov suffix
     rng = np.random.default_rng(7)
     identities = np.repeat(np.arange(4), 10)
     ages = rng.integers(0, 70, len(identities))
@@ -776,10 +790,7 @@ def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_pa
             run = tmp_path / "runs" / f"fgnet-reflect-select-{half}-paper-fgnet-ternary-e12{seed}-ft16-flip"
             _write_lopo_run(run, ids, ages, ages + e, identities)
             ev.aggregate(run)  # finished: pooled, as agecl-train --all-folds and rescore.py leave it
-    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(root), SIZE="64", FT_SUPERVISE="anchor",
-               FT_EPOCHS="16", ROWS="paper-fgnet-ternary", COVERAGE="1.4")  # 1.4: folders with no -cov suffix
-    r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble"],
-                       capture_output=True, text=True, env=env)
+    r = script("ensemble")
     assert r.returncode == 0, r.stderr
     assert "ensemble: 2 averaged (seeds 0 1)" in r.stdout
     lopo = "runs/fgnet-reflect-lopo-paper-fgnet-ternary-e12-pseeds0+1-ft16-flip: not yet"
@@ -800,8 +811,7 @@ def test_aaf_to_fgnet_ensemble_stage_averages_the_aaf_models_of_each_seed(tmp_pa
         run = tmp_path / "runs" / f"fgnet-reflect-lopo-paper-fgnet-ternary-e12{name}"
         _write_lopo_run(run, ids, ages, ages + lopo_errors[name], identities)
         ev.aggregate(run)
-    r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble", "table", "keep"],
-                       capture_output=True, text=True, env=env)
+    r = script("ensemble", "table", "keep")
     assert r.returncode == 0, r.stderr
     assert "ensemble: 3 averaged (seeds 0 1)" in r.stdout
     by_hand = np.abs((lopo_errors["-ft16-flip"] + lopo_errors["-pseed1-ft16-flip"]) / 2).mean()
@@ -817,13 +827,7 @@ def test_aaf_to_fgnet_names_the_chosen_coverage_in_every_folder(tmp_path):
     # The default coverage, 1.0, reads and writes only folders named for that frame
     # (fgnet-reflect-cov1.0-...): runs of the earlier frame (1.4, no suffix) beside them are neither
     # averaged nor overwritten.
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    shutil.copytree(root / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns("kept", "*.md"))
+    script = _aaf_to_fgnet(tmp_path)
     rng = np.random.default_rng(11)
     identities = np.repeat(np.arange(4), 10)
     ages = rng.integers(0, 70, len(identities))
@@ -835,10 +839,7 @@ def test_aaf_to_fgnet_names_the_chosen_coverage_in_every_folder(tmp_path):
             run = tmp_path / "runs" / f"fgnet-{frame}-select-a-paper-fgnet-ternary-e12{seed}-ft16-flip"
             _write_lopo_run(run, ids, ages, ages + made[frame, seed], identities)
             ev.aggregate(run)
-    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(root), SIZE="64", FT_SUPERVISE="anchor",
-               FT_EPOCHS="16", ROWS="paper-fgnet-ternary")
-    r = subprocess.run(["bash", str(tmp_path / "benchmarks" / "aaf_to_fgnet.sh"), "ensemble"],
-                       capture_output=True, text=True, env=env)
+    r = script("ensemble")
     assert r.returncode == 0, r.stderr
     assert "runs/fgnet-reflect-cov1.0-lopo-paper-fgnet-ternary-e12-pseeds0+1-ft16-flip: not yet" in r.stdout
     out = tmp_path / "runs" / "fgnet-reflect-cov1.0-select-a-paper-fgnet-ternary-e12-pseeds0+1-ft16-flip"
