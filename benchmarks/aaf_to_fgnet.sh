@@ -10,10 +10,10 @@
 #               (runs/aaf-<frame>-pretrain-e<epochs>); val MAE chose the border (6 epochs), the
 #               epochs (12 against 6), the input side and the coverage, nothing else did
 #   carry       the recipe fixed, the model carried forward: the same training on all 13,318 AAF
-#               faces (--fold none: both halves, no test), border $BORDER (runs/aaf-<border>-all-e<epochs>)
+#               faces (--fold none: both halves, no test), frame $BORDER at $COVERAGE (runs/aaf-<frame>-all-e<epochs>)
 #   zeroshot    that model on all 1,002 FG-NET photos, no fine-tuning
 #   lopo        FG-NET LOPO, all 82 folds, each fine-tuned from that model, one run per row of
-#               $ROWS (runs/fgnet-<border>-lopo-<row>-e<epochs>), pooled MAE over the 1,002 predictions;
+#               $ROWS (runs/fgnet-<frame>-lopo-<row>-e<epochs>), pooled MAE over the 1,002 predictions;
 #               each fold tested with the mirror as it finishes (--tta flip), the keep stage's folds
 #               restored first (a row takes more than a session on a slow CPU)
 #   select      the fine-tuning's length (FT_EPOCHS), chosen on FG-NET people outside each LOPO
