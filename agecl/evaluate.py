@@ -350,6 +350,52 @@ def _ranges(values: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
+# Configuration keys that differ from fold to fold by design: which fold, where it is written, and
+# where the source model lay on the machine that fine-tuned it (its sha256 says which model it was).
+_PER_FOLD_KEYS = frozenset({"data.fold", "out", "name", "model.init_source.path"})
+
+
+def _flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"arch": "resnet18"}} -> {"model.arch": "resnet18"}."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(folds: Iterable[Mapping]) -> dict[str, dict[str, list[int]]]:
+    """The configuration keys on which a run's finished folds disagree: {key: {value as JSON: folds}}.
+
+    A row resumed in another session may have been fine-tuned from a rebuilt source model (a new
+    sha256) or with a changed flag; its pooled MAE then mixes recipes, and the summary should say so
+    rather than leave it to memory. Folds that recorded no configuration are left out.
+    """
+    flat = {int(r["fold"]): _flatten(r["config"]) for r in folds if isinstance(r.get("config"), Mapping)}
+    keys = sorted(set().union(*flat.values()) - _PER_FOLD_KEYS) if flat else []
+    differences = {}
+    for key in keys:
+        by_value: dict[str, list[int]] = {}
+        for fold in sorted(flat):
+            by_value.setdefault(json.dumps(flat[fold].get(key), sort_keys=True), []).append(fold)
+        if len(by_value) > 1:
+            differences[key] = by_value
+    return differences
+
+
+def _differences_text(differences: Mapping[str, Mapping[str, list[int]]], width: int = 24) -> str:
+    """One line: each differing key with its values (cut to `width` characters) and their folds."""
+    def cut(v: str) -> str:
+        return v if len(v) <= width else v[: width - 1] + "…"
+
+    return "; ".join(
+        f"{key} = " + ", ".join(f"{cut(v)} (folds {_ranges(f)})" for v, f in by_value.items())
+        for key, by_value in differences.items()
+    )
+
+
 def _fold_of_dir(path: Path) -> int | None:
     m = re.fullmatch(r"fold-0*(\d+)", path.name)
     return int(m.group(1)) if m else None
@@ -428,6 +474,10 @@ def aggregate(parent_dir: Path | str, protocol: str | None = None, *, n_folds: i
     if n_unique != pooled["n"]:
         problems.append(f"{pooled['n'] - n_unique} test images appear in more than one fold (overlapping test folds?)")
 
+    differences = config_differences(folds)
+    if differences:
+        problems.append(f"the folds were not trained alike: {_differences_text(differences)}")
+
     per_fold = [
         {
             "fold": int(r["fold"]),
@@ -496,6 +546,7 @@ def aggregate(parent_dir: Path | str, protocol: str | None = None, *, n_folds: i
         "pooled": pooled,
         "over_folds": over_folds,
         "per_fold": per_fold,
+        "config_differences": differences,
         "problems": problems,
         "plots": [SCATTER_PLOT, AGE_GROUP_PLOT],
     }

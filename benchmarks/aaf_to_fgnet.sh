@@ -419,6 +419,8 @@ for row in rows:
             base = r.get("mean_age_baseline")  # optional, as agecl-eval's report has it
             print(f"{name:24s} MAE {p['mae']:.2f}  CS(5) {100 * p['cs5']:.1f}%  n {p['n']}  "
                   + (f"baseline {base:.2f}  " if base is not None else "") + r["status"])
+            for problem in r.get("problems") or []:  # a row resumed on a rebuilt AAF model says so here
+                print(f"{'':24s} warning: {problem}")
     f = Path(f"runs/fgnet-{border}-lopo-{row}-{ens}{'' if ft == '1' else '-ft' + ft}{tag}-flip/results.json")
     if f.is_file():  # the ensemble stage's average of AAF models trained apart
         r = json.loads(f.read_text())

@@ -44,7 +44,8 @@ def keep(run: Path, into: Path) -> dict:
     summary_file = run / evaluate.RESULTS_FILE
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     extra = {"kept_from": str(run), "folds_pooled": len(first), "pooled": summary.get("pooled"),
-             "status": summary.get("status"), "config": fold.get("config"), "tta": fold.get("tta", fold.get("test_tta"))}
+             "status": summary.get("status"), "config_differences": summary.get("config_differences"),
+             "config": fold.get("config"), "tta": fold.get("tta", fold.get("test_tta"))}
     m = evaluate.metrics(preds.expected, preds.ages)
     return evaluate.write_fold_results(into / run.name, preds, m, fold.get("protocol", "kept"), 0, extra)
 

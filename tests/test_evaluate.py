@@ -245,7 +245,8 @@ def test_predict_empty_loader():
 # --- fold results and aggregation through real files ---------------------------------------------
 
 
-def _fold(run: Path, fold: int, ages, expected, protocol: str, n_folds: int | None, ids=None, features=True) -> dict:
+def _fold(run: Path, fold: int, ages, expected, protocol: str, n_folds: int | None, ids=None, features=True,
+          config=None) -> dict:
     ages = np.asarray(ages, np.int64)
     expected = np.asarray(expected, np.float32)
     n = len(ages)
@@ -261,7 +262,8 @@ def _fold(run: Path, fold: int, ages, expected, protocol: str, n_folds: int | No
     )
     m = metrics(p.expected, p.ages, p.identities, p.features, p.probs)
     return write_fold_results(
-        run / f"fold-{fold}", p, m, protocol, fold, {"mean_age_baseline": 10.0 + fold, "epochs": 3}, n_folds=n_folds
+        run / f"fold-{fold}", p, m, protocol, fold,
+        {"mean_age_baseline": 10.0 + fold, "epochs": 3, **({"config": config} if config else {})}, n_folds=n_folds
     )
 
 
@@ -355,6 +357,34 @@ def test_aggregate_reports_missing_folds(tmp_path):
         del r["folds"]
         (tmp_path / f"fold-{k}" / "results.json").write_text(json.dumps(r))
     assert aggregate(tmp_path)["folds_missing"] == [2]
+
+
+def test_aggregate_says_when_folds_were_not_trained_alike(tmp_path):
+    # A LOPO row resumed in a later session: folds 2-3 fine-tuned from a rebuilt source model (another
+    # sha256, found at another path) and fold 3 also with another learning rate.
+    def config(fold, sha, path, lr=2e-4):
+        return {"data": {"shards": "shards/fgnet", "fold": fold}, "out": f"runs/row/fold-{fold}", "name": f"row-fold{fold}",
+                "lr": lr, "model": {"arch": "resnet18", "init_source": {"path": path, "sha256": sha}}}
+
+    for k in (0, 1):
+        _fold(tmp_path, k, [20, 30], [22, 30], "lopo", 4, config=config(k, "a" * 64, "/work/main/runs/aaf/checkpoint.pt"))
+    _fold(tmp_path, 2, [20, 30], [22, 30], "lopo", 4, config=config(2, "b" * 64, "/tmp/ci/runs/aaf/checkpoint.pt"))
+    _fold(tmp_path, 3, [20, 30], [22, 30], "lopo", 4, config=config(3, "b" * 64, "/tmp/ci/runs/aaf/checkpoint.pt", 1e-3))
+    s = aggregate(tmp_path)
+    # The fold, its folder, its name and the source's path differ by design; the rest is reported.
+    assert s["config_differences"] == {
+        "lr": {"0.0002": [0, 1, 2], "0.001": [3]},
+        "model.init_source.sha256": {json.dumps("a" * 64): [0, 1], json.dumps("b" * 64): [2, 3]},
+    }
+    line = "the folds were not trained alike: lr = 0.0002 (folds 0-2), 0.001 (folds 3); model.init_source.sha256 = "
+    assert s["problems"] == [line + '"aaaaaaaaaaaaaaaaaaaaaa… (folds 0, 1), "bbbbbbbbbbbbbbbbbbbbbb… (folds 2, 3)']
+    assert "- Warning: " + line in (tmp_path / "results.md").read_text()
+    # Folds trained alike (the same source model, wherever it lay) raise nothing.
+    (tmp_path / "fold-3").rename(tmp_path / "set-aside-3")
+    for k in (0, 1):
+        _fold(tmp_path, k, [20, 30], [22, 30], "lopo", 4, config=config(k, "b" * 64, "/work/main/runs/aaf/checkpoint.pt"))
+    s = aggregate(tmp_path)
+    assert s["config_differences"] == {} and s["problems"] == []
 
 
 def test_aggregate_nothing_finished(tmp_path):
@@ -871,5 +901,6 @@ def test_keep_run_script_keeps_the_pooled_predictions(tmp_path):
     assert written["kept_from"] == str(run) and written["folds_pooled"] == 4 and written["protocol"] == "lopo"
     assert written["test_mae"] == pytest.approx(summary["pooled"]["mae"], abs=1e-6)
     assert written["pooled"] == summary["pooled"]
+    assert written["config_differences"] == summary["config_differences"] == {}, "the folds were trained alike"
     r = subprocess.run(script + [str(tmp_path / "nothing"), "--into", str(tmp_path / "kept")], capture_output=True, text=True, cwd=root)
     assert r.returncode == 2 and f"{tmp_path / 'nothing'}: no predictions.npz" in r.stderr
