@@ -58,9 +58,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_weights(state: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a model's weights alone: every tensor's name, dtype, shape and bytes, by name.
+
+    The checkpoint file's own sha256 also covers what varies between two trainings of the same
+    weights (each epoch's images/sec and wall time), so a model rebuilt bit for bit on another day
+    has a new file sha256 and this same one."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_source(init_from: str, arch: str) -> dict:
     """The source checkpoint of `init_from`, checked to fit a model of `arch`; it also carries
-    "sha256" (of the file). Raises CheckpointError naming the file and the reason."""
+    "sha256" (of the file) and "weights_sha256" (of its model's weights, `sha256_weights`).
+    Raises CheckpointError naming the file and the reason."""
     path = resolve_path(init_from)
     ckpt = load_checkpoint(path, map_location="cpu")  # refuses a missing, corrupt or foreign file
     source_arch = ckpt["config"].get("model", {}).get("arch", "resnet18")
@@ -73,15 +88,18 @@ def load_source(init_from: str, arch: str) -> dict:
     if "head.weight" not in state or "head.bias" not in state:
         raise CheckpointError(f"{path}: its model has no age head (head.weight, head.bias)")
     ckpt["sha256"] = sha256_file(path)
+    ckpt["weights_sha256"] = sha256_weights(state)
     return ckpt
 
 
 def describe(source: dict) -> dict:
     """What a run records of its source (config.json's model.init_source): enough to find the file
-    again and to know it is the same one (sha256), and how it was trained."""
+    again and to know it is the same one (sha256: the file; weights_sha256: its weights, the same for
+    a model rebuilt bit for bit), and how it was trained."""
     return {
         "path": str(Path(source["path"]).resolve()),
         "sha256": source["sha256"],
+        "weights_sha256": source["weights_sha256"],
         "arch": source["config"].get("model", {}).get("arch", "resnet18"),
         "min_age": int(source["min_age"]),
         "max_age": int(source["max_age"]),
@@ -132,14 +150,16 @@ def init_model(model: AgeModel, source: dict) -> str:
 
 def recorded_source(config: dict, arch: str, path: str | None = None) -> dict:
     """The checkpoint a fine-tuned run started from, as its config recorded it (model.init_source),
-    loaded and checked to be that very file (sha256); `path` names it where it has moved.
+    loaded and checked to be that very file (sha256) or the same weights (weights_sha256, where the
+    run recorded it: a source rebuilt bit for bit); `path` names it where it has moved.
     Raises CheckpointError naming the file and the reason."""
     recorded = config.get("model", {}).get("init_source") or {}
     if not recorded and path is None:
         raise CheckpointError("the model was not fine-tuned from another agecl run (no model.init_source): "
                               "there is no source to blend with")
     source = load_source(path or recorded["path"], arch)
-    if recorded and source["sha256"] != recorded["sha256"]:
+    same_weights = recorded.get("weights_sha256") == source["weights_sha256"]
+    if recorded and source["sha256"] != recorded["sha256"] and not same_weights:
         raise CheckpointError(
             f"{source['path']}: not the checkpoint the run started from (sha256 {source['sha256'][:12]}..., "
             f"recorded {recorded['sha256'][:12]}...)"

@@ -385,6 +385,15 @@ def test_aggregate_says_when_folds_were_not_trained_alike(tmp_path):
         _fold(tmp_path, k, [20, 30], [22, 30], "lopo", 4, config=config(k, "b" * 64, "/work/main/runs/aaf/checkpoint.pt"))
     s = aggregate(tmp_path)
     assert s["config_differences"] == {} and s["problems"] == []
+    # A source rebuilt bit for bit: the files' sha256 differ, the weights' do not. One model.
+    for k, sha in ((0, "a"), (1, "a"), (2, "b")):
+        c = config(k, sha * 64, "/work/main/runs/aaf/checkpoint.pt")
+        c["model"]["init_source"]["weights_sha256"] = "w" * 64
+        _fold(tmp_path, k, [20, 30], [22, 30], "lopo", 4, config=c)
+    assert aggregate(tmp_path)["config_differences"] == {}
+    c["model"]["init_source"]["weights_sha256"] = "v" * 64  # fold 2 from other weights after all
+    _fold(tmp_path, 2, [20, 30], [22, 30], "lopo", 4, config=c)
+    assert set(aggregate(tmp_path)["config_differences"]) == {"model.init_source.sha256", "model.init_source.weights_sha256"}
 
 
 def test_aggregate_nothing_finished(tmp_path):

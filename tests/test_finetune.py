@@ -8,7 +8,8 @@ import torch
 
 from agecl.checkpoint import CheckpointError, save_checkpoint
 from agecl.config import TrainConfig, to_dict
-from agecl.finetune import blend_with_source, describe, init_model, load_source, recorded_source, resolve_path
+from agecl.finetune import (blend_with_source, describe, init_model, load_source, recorded_source, resolve_path,
+                             sha256_weights)
 from agecl.model import AgeModel
 
 TEMPLATE = {"size": 256, "coverage": 1.4, "border": "constant"}
@@ -48,6 +49,7 @@ def test_head_is_mapped_class_by_class_by_age(tmp_path):
     record = describe(source)
     assert record["path"] == str((tmp_path / "checkpoint.pt").resolve())
     assert record["sha256"] == hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest()
+    assert record["weights_sha256"] == sha256_weights(src.state_dict())
     assert (record["arch"], record["min_age"], record["max_age"], record["epoch"]) == ("resnet18", 10, 20, 4)
     assert record["template"] == TEMPLATE and record["config"]["model"]["arch"] == "resnet18"
 
@@ -110,3 +112,28 @@ def test_wise_ft_blends_every_weight_towards_the_recorded_source(tmp_path):
         recorded_source(to_dict(cfg), "resnet18", str(tmp_path / "other.pt"))
     with pytest.raises(CheckpointError, match="not fine-tuned from another agecl run"):
         recorded_source(to_dict(TrainConfig()), "resnet18")
+
+
+def test_a_source_rebuilt_bit_for_bit_is_known_by_its_weights(tmp_path):
+    # The same training run again writes the same weights into a file that differs elsewhere (each
+    # epoch's images/sec and wall time): the file's sha256 changes, the weights' does not.
+    _source(tmp_path / "first.pt")
+    _source(tmp_path / "rebuilt.pt")
+    rebuilt = torch.load(tmp_path / "rebuilt.pt", weights_only=False)
+    rebuilt["metrics"] = {"images_per_sec": 321.0, "epoch_time_s": 117.0}
+    torch.save(rebuilt, tmp_path / "rebuilt.pt")
+    first, again = load_source(str(tmp_path / "first.pt"), "resnet18"), load_source(str(tmp_path / "rebuilt.pt"), "resnet18")
+    assert first["sha256"] != again["sha256"] and first["weights_sha256"] == again["weights_sha256"]
+    # One weight changed by one bit in its last place is another model.
+    torch.manual_seed(1)  # as _source made it
+    state = {k: v.clone() for k, v in AgeModel(10, 20).state_dict().items()}
+    assert sha256_weights(state) == first["weights_sha256"]
+    state["head.bias"][0] = torch.nextafter(state["head.bias"][0], torch.tensor(1.0))
+    assert sha256_weights(state) != first["weights_sha256"]
+    # WiSE-FT finds a run's source in the rebuilt file; another model is still refused.
+    cfg = TrainConfig()
+    cfg.model.init_source = describe(first)
+    assert recorded_source(to_dict(cfg), "resnet18", str(tmp_path / "rebuilt.pt"))["path"] == str(tmp_path / "rebuilt.pt")
+    _source(tmp_path / "other.pt", min_age=11)
+    with pytest.raises(CheckpointError, match=r"other.pt: not the checkpoint the run started from"):
+        recorded_source(to_dict(cfg), "resnet18", str(tmp_path / "other.pt"))
