@@ -259,12 +259,13 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"arch": "resnet18"}} -> {"model.arch": "resnet18"}."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = v
     return out
@@ -301,9 +302,9 @@ def check_compatible(
     Raises CheckpointError naming the file and listing each differing key with both values.
     """
     skip = RUN_CONTROL_KEYS | set(ignore)
-    old = _flatten(ckpt["config"])
-    new = _flatten(cfg if isinstance(cfg, Mapping) else to_dict(cfg))
-    defaults = _flatten(to_dict(TrainConfig()))
+    old = flatten_config(ckpt["config"])
+    new = flatten_config(cfg if isinstance(cfg, Mapping) else to_dict(cfg))
+    defaults = flatten_config(to_dict(TrainConfig()))
     diffs = []
     for key in sorted(set(old) | set(new)):
         if key in skip:

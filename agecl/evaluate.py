@@ -38,6 +38,7 @@ from torch import nn
 
 from agecl import format as fmt
 from agecl import plots
+from agecl.checkpoint import flatten_config
 from agecl.atomic import atomic_path, write_json, write_text
 from agecl.config import NO_TEST_FOLD
 from agecl.model import unwrap
@@ -355,17 +356,6 @@ def _ranges(values: Sequence[int]) -> str:
 _PER_FOLD_KEYS = frozenset({"data.fold", "out", "name", "model.init_source.path"})
 
 
-def _flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"arch": "resnet18"}} -> {"model.arch": "resnet18"}."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_differences(folds: Iterable[Mapping]) -> dict[str, dict[str, list[int]]]:
     """The configuration keys on which a run's finished folds disagree: {key: {value as JSON: folds}}.
 
@@ -375,7 +365,7 @@ def config_differences(folds: Iterable[Mapping]) -> dict[str, dict[str, list[int
     weights_sha256) is one model, whatever its files' sha256. Folds that recorded no configuration
     are left out.
     """
-    flat = {int(r["fold"]): _flatten(r["config"]) for r in folds if isinstance(r.get("config"), Mapping)}
+    flat = {int(r["fold"]): flatten_config(r["config"]) for r in folds if isinstance(r.get("config"), Mapping)}
     keys = sorted(set().union(*flat.values()) - _PER_FOLD_KEYS) if flat else []
     weights = {f.get("model.init_source.weights_sha256") for f in flat.values()}
     if len(weights) == 1 and None not in weights:  # one source model, its file written more than once
