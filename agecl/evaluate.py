@@ -362,10 +362,16 @@ def config_differences(folds: Iterable[Mapping]) -> dict[str, dict[str, list[int
     A row resumed in another session may have been fine-tuned from a rebuilt source model (a new
     sha256) or with a changed flag; its pooled MAE then mixes recipes, and the summary should say so
     rather than leave it to memory. A source rebuilt bit for bit (every fold recorded the same
-    weights_sha256) is one model, whatever its files' sha256. Folds that recorded no configuration
-    are left out.
+    weights_sha256) is one model, whatever its files' sha256. The machine each fold ran on
+    (`agecl.train.machine_facts`: processor, threads, precision, torch) counts too, as `machine.*`
+    keys: the same recipe scores otherwise on another kind of CPU. Folds that recorded no
+    configuration are left out.
     """
-    flat = {int(r["fold"]): flatten_config(r["config"]) for r in folds if isinstance(r.get("config"), Mapping)}
+    flat = {
+        int(r["fold"]): flatten_config({**r["config"], **({"machine": r["machine"]} if r.get("machine") else {})})
+        for r in folds
+        if isinstance(r.get("config"), Mapping)
+    }
     keys = sorted(set().union(*flat.values()) - _PER_FOLD_KEYS) if flat else []
     weights = {f.get("model.init_source.weights_sha256") for f in flat.values()}
     if len(weights) == 1 and None not in weights:  # one source model, its file written more than once

@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -275,20 +276,55 @@ def resolve(cfg: TrainConfig, shards: ShardSet, fold_dir: bool = False) -> Train
     return cfg
 
 
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: nothing to read cheaply
+        return ""
+
+
 def native_bf16_feature(cpuinfo: str | None = None) -> str | None:
     """The CPU feature that runs bf16 matrix work natively here ("amx_bf16" or "avx512_bf16", as
     Linux's /proc/cpuinfo names them), or None. Without one, oneDNN emulates bf16 and a network
-    runs slower in bf16 than in fp32; with one, bf16 is 1.6-2.6x faster (benchmarks/RESULTS.md)."""
+    runs slower in bf16 than in fp32; with one, bf16 is 1.6-2.6x faster (benchmarks/RESULTS.md).
+    Where nothing can be read (not Linux), None: the safe choice (fp32) follows."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: no cheap way to tell, so the safe choice (fp32) follows
-            return None
+        cpuinfo = _read_cpuinfo()
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
     return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The processor as /proc/cpuinfo names it, with its family and model numbers, which tell apart
+    kinds that share a marketing name ("AMD EPYC (family 25, model 17)" is a Zen 4, family 26 a
+    Zen 5); the platform's own word where /proc/cpuinfo says nothing."""
+    if cpuinfo is None:
+        cpuinfo = _read_cpuinfo()
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the first processor's block has ended
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    numbers = [f"{k} {fields[v]}" for k, v in (("family", "cpu family"), ("model", "model")) if fields.get(v)]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
+
+
+def machine_facts(device: torch.device, precision: str, cpuinfo: str | None = None) -> dict:
+    """What a run ran on, beyond its configuration. One recipe gives other numbers on another kind
+    of processor, with another number of threads (the sums split differently) or another torch
+    (oneDNN and cuDNN pick their kernels by the hardware). Each fold's results.json records this,
+    and `agecl.evaluate.aggregate` names the folds of a row that ran on different machines."""
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(cpuinfo)
+    threads = torch.get_num_threads() if device.type == "cpu" else None  # a GPU's sums do not split by them
+    return {"device": device.type, "processor": processor, "threads": threads,
+            "precision": precision, "torch": str(torch.__version__)}
 
 
 def choose_precision(requested: str, device: torch.device, cpuinfo: str | None = None) -> tuple[str, str]:
@@ -657,7 +693,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, on_epo
     # -- the test fold: the final epoch's model, on the main process -------------------------------------
     results = None
     run_facts = {"n_train": int(len(train_ids)), "epochs": cfg.epochs, "steps": step, "shards": str(cfg.data.shards),
-                 "checkpoint": str(ckpt_path), "train_time_s": train_time, "world_size": world, "config": to_dict(cfg)}
+                 "checkpoint": str(ckpt_path), "train_time_s": train_time, "world_size": world, "config": to_dict(cfg),
+                 "machine": machine_facts(device, precision)}
     if master and not has_test:
         # No test fold: the run's product is its checkpoint; results.json says it finished.
         results = {"protocol": protocol, "fold": fold, "folds": n_folds, "n_test": 0, **run_facts}

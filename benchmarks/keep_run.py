@@ -9,7 +9,7 @@ predictions of earlier LOPO rows were lost with it, and with them every later fa
 comparison or average that needed them. The predictions themselves are small (about 30 KB for
 FG-NET's 1,002 faces). Each RUN becomes INTO/<RUN's folder name>/ with a `predictions.npz` (every
 test photo: sample id, true age, expected age, spread, person) and a `results.json` (the pooled
-metrics, the run's own pooled summary where it has one, the first fold's configuration, and where it
+metrics, the run's own pooled summary where it has one, the first fold's configuration and machine, and where it
 came from), a one-fold run that `compare_runs.py`, `average_runs.py` and `calibrate.py --with` read
 as they read the run. Exit 2 naming the run when it has no predictions.
 
@@ -45,7 +45,7 @@ def keep(run: Path, into: Path) -> dict:
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     extra = {"kept_from": str(run), "folds_pooled": len(first), "pooled": summary.get("pooled"),
              "status": summary.get("status"), "config_differences": summary.get("config_differences"),
-             "config": fold.get("config"), "tta": fold.get("tta", fold.get("test_tta"))}
+             "config": fold.get("config"), "machine": fold.get("machine"), "tta": fold.get("tta", fold.get("test_tta"))}
     m = evaluate.metrics(preds.expected, preds.ages)
     return evaluate.write_fold_results(into / run.name, preds, m, fold.get("protocol", "kept"), 0, extra)
 

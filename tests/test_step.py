@@ -19,7 +19,9 @@ import torch
 from agecl.config import LossConfig
 from agecl.losses import PRESETS, age_loss
 from agecl.model import AgeModel
-from agecl.train import TrainError, choose_precision, compile_step, make_optimizer, native_bf16_feature, train_step
+from agecl.train import (
+    TrainError, choose_precision, compile_step, cpu_name, machine_facts, make_optimizer, native_bf16_feature, train_step,
+)
 
 INTEL_AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 INTEL_AVX512_BF16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
@@ -31,6 +33,21 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert native_bf16_feature(INTEL_AVX512_BF16) == "avx512_bf16"
     assert native_bf16_feature(AVX2_ONLY) is None
     assert native_bf16_feature("") is None
+
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+ZEN5 = ZEN4.replace("25", "26").replace("17", "2") + "processor\t: 1\nmodel name\t: another\n"
+
+
+def test_the_machine_is_named_by_its_kind():
+    # Both kinds call themselves "AMD EPYC"; their family and model numbers tell them apart. The
+    # first processor's block is read, not a later one's.
+    assert cpu_name(ZEN4) == "AMD EPYC (family 25, model 17)"
+    assert cpu_name(ZEN5) == "AMD EPYC (family 26, model 2)"
+    assert cpu_name(INTEL_AVX512_BF16)  # no name in /proc/cpuinfo: the platform's word, never empty
+    facts = machine_facts(torch.device("cpu"), "bf16", ZEN5)
+    assert facts == {"device": "cpu", "processor": "AMD EPYC (family 26, model 2)", "threads": torch.get_num_threads(),
+                     "precision": "bf16", "torch": str(torch.__version__)}
 
 
 @pytest.mark.parametrize(

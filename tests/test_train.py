@@ -32,6 +32,7 @@ from agecl.train import (
     RESULTS_FILE,
     TrainError,
     config_from_args,
+    cpu_name,
     get_args_parser,
     main,
     train,
@@ -116,6 +117,11 @@ def test_short_run_lowers_the_loss_and_writes_the_run_folder(straight):
         assert key in results, key
     assert results["protocol"] == "kfold" and results["fold"] == 0 and results["folds"] == 3
     assert 0 <= results["test_cs5"] <= 1 and results["test_mae"] > 0
+    # What it ran on, for rows whose folds ran on different machines (agecl.evaluate.config_differences).
+    machine = results["machine"]
+    assert machine["device"] == "cpu" and machine["torch"] == str(torch.__version__)
+    assert machine["threads"] == torch.get_num_threads() and machine["precision"] == "fp32"
+    assert machine["processor"] == cpu_name()
 
     ckpt = load_checkpoint(out / CHECKPOINT_FILE)
     assert ckpt["epoch"] == 2 and ckpt["step"] == epochs[-1]["step"]
