@@ -43,7 +43,9 @@
 #               its select halves and LOPO rows fine-tuned from it), their predictions with the mirror
 #               averaged face by face (benchmarks/average_runs.py) into the same folder names with
 #               -pseeds<a>+<b> for the pretraining's seed (…-e12-pseeds0+1-ft16-flip): the select
-#               halves say whether averaging models trained apart helps; the LOPO rows when all ran
+#               halves say whether averaging models trained apart helps; the LOPO rows when all ran.
+#               An entry <coverage>:<seed> is the model of another face frame (PRE_SEEDS="1.0:0 1.4:0
+#               1.4:1"); the average is then named -models<coverage>s<seed>+… (…-e12-models1.0s0+1.4s0-ft16-flip)
 #   keep        the LOPO rows' pooled predictions (as trained, with the mirror, stacked) copied into
 #               benchmarks/kept/<run folder>/ (benchmarks/keep_run.py; about 30 KB a row), for git:
 #               runs/ has not outlived its machine, and later comparisons need the faces' predictions;
@@ -125,7 +127,11 @@ SRC_RUN=runs/aaf-$FRAME-$FROM-$PRE  # that model's folder
 # Its name in the fine-tuned runs' folders (e12, e12-s128-from-pretrain), for any pretraining seed.
 src_of() { echo "$(pre_of "$1")$([ "$FROM" = all ] || echo "-from-$FROM")"; }
 SRC=$(src_of "$PRE_SEED")
-ENS_SRC=$(src_of "pseeds$(echo $PRE_SEEDS | tr ' ' '+')")  # the ensemble stage's runs
+# The ensemble stage's runs: -pseeds0+1 for seeds of this frame, -models1.0s0+1.4s0 where frames are named.
+case $PRE_SEEDS in
+  (*:*) ENS_SRC=$(src_of "models$(for m in $PRE_SEEDS; do echo "${m%%:*}s${m#*:}"; done | paste -sd+)") ;;
+  (*) ENS_SRC=$(src_of "pseeds$(echo $PRE_SEEDS | tr ' ' '+')") ;;
+esac
 FT_EPOCHS=${FT_EPOCHS:-16}
 FT_LR=${FT_LR:-2e-4}
 FT_BATCH=${FT_BATCH:-16}
@@ -370,7 +376,12 @@ stage_ensemble() {
   local what seed run runs name row made=0 missing
   for what in select-a select-b $(for row in $ROWS; do echo "lopo:$row"; done); do
     runs=() missing=""
-    for seed in $PRE_SEEDS; do runs+=("$(SRC=$(src_of "$seed"); target_dir "$what")"); done
+    for seed in $PRE_SEEDS; do
+      case $seed in
+        (*:*) runs+=("$(FRAME=$(frame_of "$BORDER" "${seed%%:*}"); SRC=$(src_of "${seed#*:}"); target_dir "$what")") ;;
+        (*) runs+=("$(SRC=$(src_of "$seed"); target_dir "$what")") ;;
+      esac
+    done
     name=$(SRC=$ENS_SRC; target_dir "$what")
     for run in "${runs[@]}"; do [ -f "$run/results.json" ] || missing="$missing $run"; done
     if [ -n "$missing" ]; then echo "$name: not yet (unfinished:$missing)"; continue; fi
@@ -424,7 +435,7 @@ for row in rows:
     f = Path(f"runs/fgnet-{border}-lopo-{row}-{ens}{'' if ft == '1' else '-ft' + ft}{tag}-flip/results.json")
     if f.is_file():  # the ensemble stage's average of AAF models trained apart
         r = json.loads(f.read_text())
-        print(f"{row + ' + mirror, ' + next(p for p in ens.split('-') if p.startswith('pseeds')) + ' averaged':24s} MAE {r['test_mae']:.2f}  "
+        print(f"{row + ' + mirror, ' + next(p for p in ens.split('-') if p.startswith(('pseeds', 'models'))) + ' averaged':24s} MAE {r['test_mae']:.2f}  "
               f"CS(5) {100 * r['test_cs5']:.1f}%  n {r['n_test']}")
 PY
 }
