@@ -364,11 +364,11 @@ def config_differences(folds: Iterable[Mapping]) -> dict[str, dict[str, list[int
     rather than leave it to memory. A source rebuilt bit for bit (every fold recorded the same
     weights_sha256) is one model, whatever its files' sha256. The machine each fold ran on
     (`agecl.train.machine_facts`: processor, threads, precision, torch) counts too, as `machine.*`
-    keys: the same recipe scores otherwise on another kind of CPU. Folds that recorded no
-    configuration are left out.
+    keys: the same recipe scores otherwise with another number of CPU threads. Folds that recorded
+    no configuration are left out.
     """
     flat = {
-        int(r["fold"]): flatten_config({**r["config"], **({"machine": r["machine"]} if r.get("machine") else {})})
+        int(r["fold"]): flatten_config({**r["config"], "machine": r.get("machine") or {}})  # {}: no machine.* keys
         for r in folds
         if isinstance(r.get("config"), Mapping)
     }

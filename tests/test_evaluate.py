@@ -398,8 +398,8 @@ def test_aggregate_says_when_folds_were_not_trained_alike(tmp_path):
 
 
 def test_aggregate_names_the_folds_that_ran_on_another_machine(tmp_path):
-    # One recipe, one source model; a row resumed on a CPU of another kind (fold 0 of a LOPO row
-    # scored 4.78 on a Zen 4, one thread, and 4.70 on a Zen 5, two threads).
+    # One recipe, one source model; a row resumed on another machine (fold 0 of a LOPO row scored
+    # 4.78 with one thread, on a Zen 4 and a Zen 5 alike, and 4.70 with two threads).
     def machine(family, threads):
         return {"device": "cpu", "processor": f"AMD EPYC (family {family}, model 2)", "threads": threads,
                 "precision": "bf16", "torch": "2.15.0"}
